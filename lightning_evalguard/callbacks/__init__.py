@@ -1,0 +1,1 @@
+"""Thin Lightning adapters over the engine, one callback per module."""
