@@ -15,6 +15,8 @@ Every runtime fault the package reports comes from one tree, so a user can catch
     ├── SpillError                      rows could not be written to the spill file
     └── SLAViolation                    a measured figure crossed its threshold (kind, value, threshold)
 
+    EvalGuardWarning (UserWarning)      runtime faults that were contained: filter them by category
+
 Arguments checked at construction raise the built-in ``ValueError`` / ``TypeError`` instead: they
 are programming errors, not runtime faults.
 """
@@ -25,6 +27,7 @@ __all__ = [
     "CircuitOpen",
     "EvalFailed",
     "EvalGuardError",
+    "EvalGuardWarning",
     "EvalTimeout",
     "EvaluationError",
     "LoggingBackendError",
@@ -36,6 +39,10 @@ __all__ = [
 
 class EvalGuardError(Exception):
     """Base class of every runtime error raised by lightning_evalguard."""
+
+
+class EvalGuardWarning(UserWarning):
+    """A fault that was contained (a failed evaluation, a logger outage, ...): training went on."""
 
 
 class EvaluationError(EvalGuardError):

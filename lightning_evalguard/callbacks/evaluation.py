@@ -1,0 +1,433 @@
+"""GuardedEvaluation: validation on a weight snapshot, concurrently with training, under hard bounds.
+
+The callback is a thin adapter: :class:`~lightning_evalguard.engine.evaluator.Evaluator` does the
+work (breaker, bounded queue, snapshot pool, watchdog, runner); this module turns Lightning hooks
+into its calls and delivers results back into Lightning on the training thread.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import traceback
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from typing_extensions import override
+
+from lightning_evalguard.callbacks._lightning import HookTimer, resolve_callable, trainer_val_dataloaders
+from lightning_evalguard.engine.evaluator import Evaluator
+from lightning_evalguard.engine.events import EventLog
+from lightning_evalguard.engine.jobs import WHEN_FULL, Job
+from lightning_evalguard.engine.program import EvalProgram
+from lightning_evalguard.engine.runners.base import Runner
+from lightning_evalguard.engine.snapshot import SnapshotPool, state_tensors
+from lightning_evalguard.errors import EvalGuardWarning
+
+__all__ = ["GuardedEvaluation"]
+
+MODES = ("stream", "subprocess", "inline")
+
+
+def _check_positive_int_or_none(name: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"`{name}` must be a positive int or None, got {value!r}")
+
+
+def _check_number(name: str, value: Any, *, minimum: float, strict: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > minimum if strict else value >= minimum)
+    if not ok:
+        relation = ">" if strict else ">="
+        raise ValueError(f"`{name}` must be a finite number {relation} {minimum}, got {value!r}")
+
+
+class GuardedEvaluation(Callback):
+    """Runs evaluation concurrently with training, on a consistent snapshot of the weights.
+
+    At each trigger (``every_n_epochs`` / ``every_n_steps``) the training thread copies the weights
+    into a preallocated slot and queues a job; a runner evaluates the module's own
+    ``validation_step`` (with its ``self.log`` calls and torchmetrics) over the validation
+    dataloaders on that snapshot. Results come back on the training thread: they are logged to
+    every logger at the snapshot's step, put into ``trainer.callback_metrics``, and handed to
+    ``EarlyStopping`` and monitored ``ModelCheckpoint`` callbacks. Lightning's own validation loop
+    is turned off during ``fit`` (no double evaluation).
+
+    Nothing the evaluation does can stall or kill training: each job has a ``timeout``, repeated
+    failures open a circuit breaker, the queue is bounded, and errors become counted warnings.
+
+    Args:
+        mode: ``"stream"`` (background thread; on CUDA a side stream), ``"subprocess"`` (a
+            persistent worker process, hard-killable), or ``"inline"`` (synchronous, same guards;
+            for debugging and as a baseline).
+        every_n_epochs: evaluate after every N training epochs (``None``: not by epoch).
+        every_n_steps: evaluate every N optimizer steps (``None``: not by step).
+        timeout: seconds one evaluation may run before it counts as timed out.
+        max_pending: most evaluations queued behind the running one.
+        when_full: when the queue is full, ``"skip"`` the new one, ``"replace"`` the oldest queued
+            one, or ``"wait"`` (block training, at most ``timeout`` seconds).
+        failure_threshold: consecutive failed/timed-out evaluations that open the breaker.
+        recovery_time: seconds the breaker stays open before one trial evaluation.
+        final_timeout: at the end of training, seconds to wait for queued evaluations.
+        limit_batches: batches per dataloader (int) or fraction (float in [0, 1]); ``None`` uses
+            the Trainer's ``limit_val_batches`` (all batches if that is 0).
+        eval_fn: replaces ``validation_step``: ``eval_fn(module, dataloader) -> Mapping[str, float]``,
+            a callable or an import path such as ``"my_pkg.evals:accuracy"``; may be ``async``.
+        prefix: prepended to every metric name the evaluation produces.
+        cancel_grace: seconds a timed-out job gets to stop before its thread is abandoned.
+
+    Raises:
+        ValueError: for an unknown mode, a non-positive interval, both triggers ``None``, a bad
+            number, or an ``eval_fn`` path that cannot be imported.
+        TypeError: for an ``eval_fn`` that is neither callable nor a string.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> guard = GuardedEvaluation(mode="stream", every_n_epochs=1, timeout=600.0)
+        >>> trainer = Trainer(callbacks=[guard], logger=False, enable_progress_bar=False)
+        >>> guard.stats()["submitted"]
+        0
+    """
+
+    def __init__(
+        self,
+        mode: Literal["stream", "subprocess", "inline"] = "stream",
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
+        timeout: float = 600.0,
+        max_pending: int = 1,
+        when_full: Literal["skip", "replace", "wait"] = "skip",
+        failure_threshold: int = 3,
+        recovery_time: float = 300.0,
+        final_timeout: float = 60.0,
+        limit_batches: int | float | None = None,
+        eval_fn: Callable[..., Any] | str | None = None,
+        prefix: str = "",
+        cancel_grace: float = 5.0,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
+        _check_positive_int_or_none("every_n_epochs", every_n_epochs)
+        _check_positive_int_or_none("every_n_steps", every_n_steps)
+        if every_n_epochs is None and every_n_steps is None:
+            raise ValueError("`every_n_epochs` and `every_n_steps` are both None: nothing would trigger evaluation")
+        _check_number("timeout", timeout, minimum=0, strict=True)
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"`max_pending` must be an int >= 1, got {max_pending!r}")
+        if when_full not in WHEN_FULL:
+            raise ValueError(f"`when_full` must be one of {WHEN_FULL}, got {when_full!r}")
+        if isinstance(failure_threshold, bool) or not isinstance(failure_threshold, int) or failure_threshold < 1:
+            raise ValueError(f"`failure_threshold` must be an int >= 1, got {failure_threshold!r}")
+        _check_number("recovery_time", recovery_time, minimum=0)
+        _check_number("final_timeout", final_timeout, minimum=0)
+        _check_number("cancel_grace", cancel_grace, minimum=0)
+        if limit_batches is not None and (
+            isinstance(limit_batches, bool)
+            or not isinstance(limit_batches, (int, float))
+            or (isinstance(limit_batches, int) and limit_batches < 0)
+            or (isinstance(limit_batches, float) and not 0.0 <= limit_batches <= 1.0)
+        ):
+            raise ValueError(f"`limit_batches` must be an int >= 0, a float in [0, 1] or None, got {limit_batches!r}")
+        if not isinstance(prefix, str):
+            raise TypeError(f"`prefix` must be a str, got {prefix!r}")
+        self.mode = mode
+        self.every_n_epochs = every_n_epochs
+        self.every_n_steps = every_n_steps
+        self.timeout = float(timeout)
+        self.max_pending = max_pending
+        self.when_full = when_full
+        self.failure_threshold = failure_threshold
+        self.recovery_time = float(recovery_time)
+        self.final_timeout = float(final_timeout)
+        self.limit_batches = limit_batches
+        self.eval_fn_spec = eval_fn
+        self.eval_fn = resolve_callable(eval_fn, "eval_fn")
+        self.prefix = prefix
+        self.cancel_grace = float(cancel_grace)
+
+        self.events = EventLog("evaluation")
+        self._evaluator: Evaluator | None = None
+        self._program: EvalProgram | None = None
+        self._restored: dict[str, Any] = {}
+        self._hooks = HookTimer()
+        self._saved_limit_val_batches: int | float | None = None
+        self._adopted: list[Callback] = []
+        self._warned: set[str] = set()
+        self._last_step_trigger = -1
+        self._eval_rank = True
+        self._world_size = 1
+        self.delivered = 0
+        self.last_metrics: dict[str, float] = {}
+
+    # -- public surface --------------------------------------------------------------------------
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            mode=self.mode, every_n_epochs=self.every_n_epochs, every_n_steps=self.every_n_steps, prefix=self.prefix
+        )
+
+    def stats(self) -> dict[str, float | int]:
+        """Counters and figures as plain numbers (see the docs for every key)."""
+        if self._evaluator is not None:
+            out = self._evaluator.stats()
+        else:
+            out = dict.fromkeys(
+                ("submitted", "completed", "failed", "timed_out", "cancelled", "skipped_breaker_open",
+                 "skipped_queue_full", "replaced", "abandoned_threads", "pending", "running",
+                 "breaker_state"), 0
+            )
+            out.update(dict.fromkeys(("last_latency_s", "latency_p50_s", "latency_p95_s",
+                                      "watchdog_lag_p95_s", "watchdog_lag_max_s"), 0.0))
+            for name, value in self._restored.get("evaluator", {}).get("counts", {}).items():
+                out[name] = value
+        out.update(delivered=self.delivered, hook_time_s=self._hooks.seconds, hook_calls=self._hooks.calls)
+        return out
+
+    def busy(self) -> bool:
+        """Whether an evaluation is running or queued (cheap; for the monitor)."""
+        ev = self._evaluator
+        return ev is not None and (len(ev.queue) > 0 or ev.runner.running() > 0)
+
+    def release_buffers(self) -> int:
+        """Free idle snapshot slots beyond one; returns the bytes released."""
+        return self._evaluator.pool.release_idle(keep=1) if self._evaluator is not None else 0
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        evaluator = self._evaluator.state_dict() if self._evaluator is not None else self._restored.get("evaluator", {})
+        return {"evaluator": evaluator, "last_step_trigger": self._last_step_trigger, "delivered": self.delivered}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = copy.deepcopy(dict(state_dict))
+        self._last_step_trigger = int(state_dict.get("last_step_trigger", -1))
+        self.delivered = int(state_dict.get("delivered", 0))
+        if self._evaluator is not None:
+            self._evaluator.load_state_dict(self._restored.get("evaluator", {}))
+
+    # -- set-up ----------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        with self._hooks():
+            # Turn Lightning's own validation loop off while we run evaluation (restored at teardown).
+            if self._saved_limit_val_batches is None:
+                self._saved_limit_val_batches = trainer.limit_val_batches
+                trainer.limit_val_batches = 0
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        with self._hooks():
+            self._world_size = trainer.world_size
+            self._eval_rank = trainer.global_rank == 0
+            self._adopt_monitoring_callbacks(trainer)
+            if self._eval_rank:
+                self._build(trainer, pl_module)
+
+    def _build(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        dataloaders = trainer_val_dataloaders(trainer)
+        if not dataloaders and self.eval_fn is None:
+            raise ValueError(
+                "GuardedEvaluation found no validation dataloader: pass `val_dataloaders` to `fit`, define "
+                "`val_dataloader()` on the module or datamodule, or give `eval_fn`"
+            )
+        limit = self.limit_batches
+        if limit is None and self._saved_limit_val_batches not in (None, 0):
+            limit = self._saved_limit_val_batches
+        self._program = EvalProgram(dataloaders, limit, self.eval_fn)
+        if self._evaluator is not None:  # a second fit with this callback: keep the counters
+            self._restored = {**self._restored, "evaluator": self._evaluator.state_dict()}
+        runner, factory = self._make_runner(pl_module)
+        self._evaluator = Evaluator(
+            runner,
+            SnapshotPool(factory, size=self.max_pending + 1),
+            max_pending=self.max_pending,
+            when_full=self.when_full,
+            timeout=self.timeout,
+            failure_threshold=self.failure_threshold,
+            recovery_time=self.recovery_time,
+            events=self.events,
+        )
+        if self._restored.get("evaluator"):
+            self._evaluator.load_state_dict(self._restored["evaluator"])
+        self._evaluator.start()
+
+    def _make_runner(self, pl_module: LightningModule) -> tuple[Runner, Callable[[], Any]]:
+        """The runner for ``mode`` and the factory of its snapshot slots."""
+        if self.mode == "subprocess":
+            raise NotImplementedError("GuardedEvaluation(mode='subprocess') is not available yet")
+
+        def make_shadow() -> tuple[list[torch.Tensor], LightningModule]:
+            # LightningModule.__getstate__ drops the trainer, so this copies the module only.
+            shadow = copy.deepcopy(pl_module)
+            shadow.requires_grad_(False)
+            shadow.eval()
+            return state_tensors(shadow), shadow
+
+        runner: Runner
+        if self.mode == "inline":
+            from lightning_evalguard.engine.runners.inline import InlineRunner
+
+            runner = InlineRunner(self._execute, cancel_grace=self.cancel_grace)
+        else:
+            from lightning_evalguard.engine.runners.stream import StreamRunner
+
+            runner = StreamRunner(self._execute, cancel_grace=self.cancel_grace)
+        return runner, make_shadow
+
+    def _execute(self, job: Job) -> Any:
+        assert self._program is not None
+        return self._program.run(job.slot.payload, job)
+
+    def _adopt_monitoring_callbacks(self, trainer: Trainer) -> None:
+        """EarlyStopping and monitored ModelCheckpoint act when our results arrive, as they would
+        after Lightning's validation (Lightning private flags: they would otherwise check at
+        train-epoch end, before any asynchronous result exists)."""
+        self._adopted = []
+        for cb in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(cb, EarlyStopping):
+                cb._check_on_train_epoch_end = False
+                self._adopted.append(cb)
+            elif isinstance(cb, ModelCheckpoint) and cb.monitor is not None:
+                cb._save_on_train_epoch_end = False
+                self._adopted.append(cb)
+
+    # -- triggers --------------------------------------------------------------------------------
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        with self._hooks():
+            step = trainer.global_step
+            triggered = (
+                self.every_n_steps is not None
+                and step > 0
+                and step != self._last_step_trigger
+                and step % self.every_n_steps == 0
+            )
+            if triggered:
+                self._last_step_trigger = step
+                self._request(trainer, pl_module)
+            if self._world_size == 1 or triggered:
+                self._sync_and_deliver(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        with self._hooks():
+            if self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+                self._request(trainer, pl_module)
+            self._sync_and_deliver(trainer, pl_module)
+
+    def _request(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._evaluator is None:
+            return
+        outcome = self._evaluator.request(trainer.global_step, trainer.current_epoch, state_tensors(pl_module))
+        if outcome == "skipped_breaker_open" and self._evaluator.gave_up is None:
+            self._warn_once("breaker_open", "evaluation skipped: the circuit breaker is open after repeated failures")
+
+    # -- delivery --------------------------------------------------------------------------------
+    def _drain_records(self) -> list[dict[str, Any]]:
+        """Finished jobs as plain, picklable records (broadcast as-is under DDP)."""
+        if self._evaluator is None:
+            return []
+        records = []
+        for job in self._evaluator.drain():
+            record: dict[str, Any] = {"job": job.id, "step": job.step, "epoch": job.epoch, "state": job.state,
+                                      "latency_s": job.latency_s}
+            if job.state == "ok":
+                result = job.result
+                record["values"] = dict(result.values)
+                record["logger_keys"] = sorted(result.logger_keys)
+                record["prog_bar_keys"] = sorted(result.prog_bar_keys)
+            elif job.error is not None:
+                record["error"] = "".join(traceback.format_exception(job.error)).rstrip()
+                first_line = (str(job.error).splitlines() or [""])[0]
+                record["error_key"] = f"{type(job.error).__name__}: {first_line}"
+            records.append(record)
+        if self._evaluator.gave_up is not None:
+            self._warn_once("gave_up", self._evaluator.gave_up)
+        return records
+
+    def _sync_and_deliver(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        records = self._drain_records() if self._eval_rank else []
+        if self._world_size > 1:  # on the training thread, at the same hook on every rank
+            records = trainer.strategy.broadcast(records, src=0)
+        if records:
+            self._deliver(trainer, pl_module, records)
+
+    def _deliver(self, trainer: Trainer, pl_module: LightningModule, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            state = record["state"]
+            if state == "ok":
+                self._deliver_result(trainer, pl_module, record)
+            elif state == "timeout":
+                self._warn_once("timeout",
+                                f"evaluation of step {record['step']} timed out after {self.timeout:g}s; "
+                                "training went on (see GuardedEvaluation.stats())")
+            elif state == "failed":
+                self._warn_once(f"failed:{record.get('error_key')}",
+                                f"evaluation of step {record['step']} failed; training went on:\n{record.get('error')}")
+
+    def _deliver_result(self, trainer: Trainer, pl_module: LightningModule, record: dict[str, Any]) -> None:
+        values: Mapping[str, float] = record["values"]
+        step, latency = record["step"], record["latency_s"] or 0.0
+        named = {self.prefix + k: v for k, v in values.items()}
+        extra = {"evalguard/eval_latency_s": latency, "evalguard/snapshot_step": float(step)}
+        to_log = {self.prefix + k: values[k] for k in record["logger_keys"]}
+        to_log.update(extra, epoch=float(record["epoch"]))
+        for logger in trainer.loggers:
+            logger.log_metrics(to_log, step=step)
+        device = pl_module.device
+        trainer.callback_metrics.update({k: torch.tensor(v, device=device) for k, v in {**named, **extra}.items()})
+        trainer.progress_bar_metrics.update({self.prefix + k: values[k] for k in record["prog_bar_keys"]})
+        self.last_metrics = dict(named)
+        self.delivered += 1
+        for cb in self._adopted:
+            cb.on_validation_end(trainer, pl_module)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        if self._eval_rank:
+            warnings.warn(message, EvalGuardWarning, stacklevel=2)
+
+    # -- the end ---------------------------------------------------------------------------------
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        with self._hooks():
+            if self._evaluator is not None and not self._evaluator.wait_idle(self.final_timeout):
+                self._warn_once("final_timeout", f"evaluations still running after final_timeout="
+                                f"{self.final_timeout:g}s were cancelled")
+            if self._evaluator is not None:
+                self._evaluator.close(timeout=self.cancel_grace)
+            self._sync_and_deliver(trainer, pl_module)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._shutdown(trainer)
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._shutdown(trainer)
+
+    def _shutdown(self, trainer: Trainer) -> None:
+        """Stop everything we started (idempotent); restore Lightning's validation setting."""
+        if self._evaluator is not None:
+            self._evaluator.close(timeout=self.cancel_grace)
+            self._evaluator.pool.clear()
+        if self._saved_limit_val_batches is not None:
+            trainer.limit_val_batches = self._saved_limit_val_batches
+            self._saved_limit_val_batches = None
+
+    def __repr__(self) -> str:
+        return (
+            f"GuardedEvaluation(mode={self.mode!r}, every_n_epochs={self.every_n_epochs}, "
+            f"every_n_steps={self.every_n_steps}, timeout={self.timeout})"
+        )
