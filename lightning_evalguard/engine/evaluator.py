@@ -257,6 +257,7 @@ class Evaluator:
             snapshot_copy_s=self.pool.last_copy_s,
             snapshot_bytes=self.pool.nbytes,
             snapshot_slots=self.pool.allocated,
+            snapshot_slots_peak=self.pool.peak_allocated,
             queue_high_water=self.queue.high_water,
             abandoned_threads=0,
         )

@@ -95,6 +95,7 @@ class SnapshotPool:
         self._next_index = 0
         self.captures = 0
         self.retired = 0
+        self.peak_allocated = 0
         self.last_copy_s = 0.0
         self.total_copy_s = 0.0
 
@@ -119,6 +120,7 @@ class SnapshotPool:
         slot.in_use = True
         with self._lock:
             self._slots.append(slot)
+            self.peak_allocated = max(self.peak_allocated, len(self._slots))
         return slot
 
     def release(self, slot: Slot) -> None:
