@@ -85,9 +85,7 @@ def read_memory(device: int | None = None) -> MemoryReading:
     )
 
 
-def release_cuda_cache(
-    device: int | None = None, *, empty_cache: bool = True, reset_peak: bool = True
-) -> bool:
+def release_cuda_cache(device: int | None = None, *, empty_cache: bool = True, reset_peak: bool = True) -> bool:
     """Return cached CUDA blocks to the driver and/or restart the peak-memory statistics of ``device``.
 
     A no-op (returning ``False``) where CUDA is not in use. ``empty_cache`` makes the next
