@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torchmetrics
 from lightning.pytorch import LightningModule
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, TensorDataset
 
 N_FEATURES, N_CLASSES = 8, 3
@@ -97,3 +99,48 @@ class StuckInCall(Classifier):
 class Raising(Classifier):
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         raise RuntimeError("validation exploded")
+
+
+class MemoryLogger(Logger):
+    """A complete in-memory Lightning logger: every ``log_metrics`` call is kept, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int | None, dict[str, float]]] = []
+        self.hparams: list[Any] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        self.hparams.append(params)
+
+    def rows_with(self, key: str) -> list[tuple[int | None, dict[str, float]]]:
+        return [(step, row) for step, row in self.rows if key in row]
+
+
+def mean_logit_eval(module: torch.nn.Module, dataloader: Any) -> dict[str, float]:
+    """An ``eval_fn`` (importable as ``tests.models:mean_logit_eval``)."""
+    total, count = 0.0, 0
+    for x, _ in dataloader:
+        total += float(module(x).mean()) * len(x)
+        count += len(x)
+    return {"custom/mean_logit": total / count}
+
+
+async def async_mean_logit_eval(module: torch.nn.Module, dataloader: Any) -> dict[str, float]:
+    """The same, as a coroutine function."""
+    import asyncio
+
+    await asyncio.sleep(0)
+    return mean_logit_eval(module, dataloader)
