@@ -157,8 +157,13 @@ class EvalProgram:
     def _run_validation(self, module: Any, job: Job | None) -> Collected:
         if not callable(getattr(module, "validation_step", None)):
             raise EvalFailed(f"{type(module).__name__} has no validation_step and no eval_fn was given")
-        for metric in _metrics_in(module):  # a cancelled job may have left state behind
-            metric.reset()
+        for metric in _metrics_in(module):
+            metric.reset()  # a cancelled job may have left state behind
+            # Evaluation sees the whole validation set in one place: a torchmetrics sync would be a
+            # collective from a background thread (a deadlock under DDP), so never sync.
+            metric.sync_on_compute = False
+            metric._to_sync = False
+            metric.dist_sync_on_step = False
         loaders = self.guarded(job)
         collector = Collector(num_dataloaders=len(loaders))
         original = {name: module.__dict__.get(name) for name in ("log", "log_dict")}
