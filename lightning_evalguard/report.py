@@ -277,7 +277,6 @@ def draw_timeline(report: Mapping[str, Any], output: str | os.PathLike[str], *, 
     # Not pyplot: drawing a report must not change the backend of a user's interactive session.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     timeline = report.get("timeline", {})
@@ -320,7 +319,7 @@ def draw_timeline(report: Mapping[str, Any], output: str | os.PathLike[str], *, 
     if skips:
         ax_eval.plot(skips, [0.5] * len(skips), "x", color=_OUTCOME_COLOURS["skipped"], ms=7)
     ax_eval.set_yticks([])
-    ax_eval.set_ylim(0, 1)
+    ax_eval.set_ylim(0, 1.45)  # headroom for the legend above the bars
     ax_eval.set_ylabel("evaluation")
     ax_eval.legend(
         handles=[Patch(color=c, label=k) for k, c in _OUTCOME_COLOURS.items()],
@@ -342,16 +341,14 @@ def draw_timeline(report: Mapping[str, Any], output: str | os.PathLike[str], *, 
         ("spill / replay", lambda e: e.get("kind") in ("spill", "replay"), "#ff7f0e", "v"),
         ("cleanup", lambda e: e.get("kind") == "cleanup", "#8c564b", "o"),
     )
-    handles = []
+    labels = []
     for y, (label, match, colour, marker) in enumerate(rows):
         ts = [e["t"] - t0 for e in events if match(e)]
         if ts:
             ax_io.plot(ts, [y] * len(ts), marker, color=colour, ms=6)
-        handles.append(Line2D([], [], ls="", marker=marker, color=colour, label=f"{label} ({len(ts)})"))
-    ax_io.set_ylim(-0.7, len(rows) - 0.3)
-    ax_io.set_yticks([])
-    ax_io.set_ylabel("I/O, cleanup")
-    ax_io.legend(handles=handles, loc="upper left", ncol=4, fontsize=7, frameon=False)
+        labels.append(f"{label} ({len(ts)})")
+    ax_io.set_ylim(-0.6, len(rows) - 0.4)
+    ax_io.set_yticks(range(len(rows)), labels, fontsize=7)
 
     # 4. memory
     if memory:
@@ -365,21 +362,22 @@ def draw_timeline(report: Mapping[str, Any], output: str | os.PathLike[str], *, 
     ax_mem.set_ylabel("memory (MB)")
     ax_mem.set_xlabel("seconds since fit start")
 
-    for alert in report.get("alerts", []):
-        if isinstance(alert.get("t"), (int, float)):
-            for ax in (ax_steps, ax_eval, ax_io, ax_mem):
-                ax.axvline(alert["t"] - t0, color="#d62728", ls="--", lw=1)
-            ax_steps.annotate(
-                alert["kind"],
-                (alert["t"] - t0, 1.0),
-                xycoords=("data", "axes fraction"),
-                rotation=90,
-                va="top",
-                ha="right",
-                fontsize=8,
-                color="#d62728",
-            )
-    ax_mem.set_xlim(left=0, right=max(t_end - t0, 1e-3))
+    timed_alerts = [a for a in report.get("alerts", []) if isinstance(a.get("t"), (int, float))]
+    for i, alert in enumerate(sorted(timed_alerts, key=lambda a: a["t"])):
+        for ax in (ax_steps, ax_eval, ax_io, ax_mem):
+            ax.axvline(alert["t"] - t0, color="#d62728", ls="--", lw=1)
+        label = ax_steps.annotate(
+            f" {alert['kind']}",
+            (alert["t"] - t0, 0.98 - 0.09 * (i % 4)),  # staggered: alerts often fire together
+            xycoords=("data", "axes fraction"),
+            va="top",
+            ha="left",
+            fontsize=8,
+            color="#d62728",
+        )
+        label.set_in_layout(False)
+    t_last = max([t_end - t0, *(a["t"] - t0 for a in timed_alerts)])
+    ax_mem.set_xlim(left=0, right=max(t_last, 1e-3))
     path = os.fspath(output)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=dpi, format="png")

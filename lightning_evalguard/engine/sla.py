@@ -223,8 +223,9 @@ class RollingWindow:
 class Slowdown:
     """Relative slowdown of steps taken while background work was in flight.
 
-    ``estimate`` is ``busy_median / idle_median - 1``; ``lower`` is the lower end of its ~95 %
-    interval (from the medians' robust standard errors), the figure alerts are judged on.
+    ``estimate`` is the median, over busy steps, of ``busy step / median of the idle steps just
+    before it`` minus 1; ``lower`` is the lower end of its ~95 % interval, the figure alerts are
+    judged on. ``busy_median_s`` and ``idle_median_s`` are the plain medians of each window.
     """
 
     estimate: float
@@ -238,24 +239,46 @@ class Slowdown:
 class StepTimes:
     """Step durations split by whether any background work was in flight during the step.
 
+    Each busy step is compared with the median of the ``baseline`` idle steps that came just
+    before it, not with idle steps from anywhere in the run: step times drift (data, allocator,
+    thermal state, a leak), and background work tends to run at the same point of every epoch, so
+    comparing whole-run medians would count that drift as slowdown.
+
     Args:
         window: how many of the latest busy and of the latest idle steps are kept (each).
+        baseline: idle steps in the local baseline of a busy step (the first 5 are needed).
+
+    Example:
+        >>> times = StepTimes(window=100)
+        >>> for i in range(100):  # in each block of 20 steps, the first 5 overlap background work
+        ...     busy = i % 20 < 5
+        ...     times.add(0.012 if busy else 0.010, busy=busy)
+        >>> s = times.slowdown(min_samples=10)
+        >>> round(s.estimate, 3), s.n_busy  # the first block has no idle baseline yet
+        (0.2, 20)
     """
 
-    def __init__(self, window: int) -> None:
+    def __init__(self, window: int, baseline: int = 20) -> None:
         self.busy = RollingWindow(window)
         self.idle = RollingWindow(window)
+        self.ratios = RollingWindow(window)
+        self._recent_idle: deque[float] = deque(maxlen=max(5, baseline))
         self.count = 0
         self.busy_count = 0
 
     def add(self, duration_s: float, *, busy: bool) -> None:
-        """Record one step."""
+        """Record one step (in the order the steps ran)."""
         self.count += 1
         if busy:
             self.busy_count += 1
             self.busy.add(duration_s)
+            if len(self._recent_idle) >= 5:
+                base = median(self._recent_idle)
+                if base > 0.0:
+                    self.ratios.add(duration_s / base)
         else:
             self.idle.add(duration_s)
+            self._recent_idle.append(duration_s)
 
     def median_s(self) -> float:
         """Median step time, idle steps preferred (they are the undisturbed baseline)."""
@@ -266,15 +289,18 @@ class StepTimes:
         return self.idle.values() + self.busy.values()
 
     def slowdown(self, min_samples: int) -> Slowdown | None:
-        """The slowdown estimate, or ``None`` until both windows hold ``min_samples`` steps."""
-        nb, ni = len(self.busy), len(self.idle)
+        """The slowdown estimate, or ``None`` until ``min_samples`` busy steps have a baseline
+        and ``min_samples`` idle steps were seen."""
+        nb, ni = len(self.ratios), len(self.idle)
         if nb < min_samples or ni < min_samples:
             return None
-        mb, mi = self.busy.median(), self.idle.median()
-        if not mi > 0.0:
-            return None
-        margin = _Z * math.hypot(self.busy.median_se(), self.idle.median_se())
-        return Slowdown(mb / mi - 1.0, (mb - mi - margin) / mi, mb, mi, nb, ni)
+        estimate = self.ratios.median() - 1.0
+        mi = self.idle.median()
+        # The busy ratios' own noise, plus that of a baseline median (shared by neighbouring ratios).
+        rel_idle_sigma = _MAD_SIGMA * mad(self.idle.values()) / mi if mi > 0 else 0.0
+        baseline_se = _MEDIAN_SE * rel_idle_sigma / math.sqrt(len(self._recent_idle))
+        margin = _Z * math.hypot(self.ratios.median_se(), baseline_se)
+        return Slowdown(estimate, estimate - margin, self.busy.median(), mi, nb, ni)
 
 
 # ---- growth over time ----------------------------------------------------------------------------

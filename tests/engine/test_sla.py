@@ -120,6 +120,8 @@ def test_rolling_window_keeps_only_the_latest() -> None:
 
 def test_slowdown_needs_enough_samples_on_both_sides() -> None:
     times = StepTimes(window=50)
+    for _ in range(5):
+        times.add(0.01, busy=False)  # a baseline first
     for _ in range(9):
         times.add(0.01, busy=False)
         times.add(0.02, busy=True)
@@ -129,7 +131,31 @@ def test_slowdown_needs_enough_samples_on_both_sides() -> None:
     slowdown = times.slowdown(min_samples=10)
     assert slowdown is not None
     assert slowdown.estimate == pytest.approx(1.0)
-    assert slowdown.n_busy == slowdown.n_idle == 10
+    assert slowdown.lower == pytest.approx(1.0)  # no noise, no margin
+    assert (slowdown.n_busy, slowdown.n_idle) == (10, 15)
+    assert (slowdown.busy_median_s, slowdown.idle_median_s) == (0.02, 0.01)
+
+
+def test_busy_steps_without_an_idle_baseline_are_not_judged() -> None:
+    times = StepTimes(window=50)
+    for _ in range(30):
+        times.add(0.02, busy=True)
+    for _ in range(30):
+        times.add(0.01, busy=False)
+    assert times.slowdown(min_samples=10) is None
+
+
+def test_slowdown_compares_busy_steps_with_their_neighbours_not_with_a_drifting_run() -> None:
+    # Step time grows 0.05 % per step (a slow leak, say) and work runs at the start of every
+    # 40-step epoch, costing nothing. Whole-run medians would call the drift a slowdown.
+    times = StepTimes(window=200)
+    for i in range(400):
+        busy = i % 40 < 8
+        times.add(0.010 * (1 + 0.0005 * i), busy=busy)
+    s = times.slowdown(min_samples=10)
+    assert s is not None
+    assert abs(s.estimate) < 0.01
+    assert s.lower < 0.02
 
 
 def test_slowdown_lower_bound_absorbs_noise_but_not_a_real_slowdown() -> None:
