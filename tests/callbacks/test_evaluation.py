@@ -350,3 +350,15 @@ def test_two_instances_coexist_with_distinct_state_keys() -> None:
 def test_bad_arguments_fail_at_construction(kwargs: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         GuardedEvaluation(**kwargs)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_stream_mode_on_cuda_matches_validate_without_host_sync() -> None:
+    seed_everything(0)
+    model = Classifier()
+    guard = GuardedEvaluation(mode="stream", timeout=120.0)
+    trainer = fit(model, guard, accelerator="gpu", devices=1, max_epochs=2)
+    assert guard.stats()["completed"] == 2
+    reference = {k: v for d in trainer.validate(model, val_loaders(), verbose=False) for k, v in d.items()}
+    assert max(abs(guard.last_metrics[k] - v) for k, v in reference.items()) <= 1e-5
