@@ -19,7 +19,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DigitsClassifier", "DigitsDataModule", "load_digits", "run_demo"]
+# DigitsDataModule and DigitsClassifier are importable too; built on first use (they need Lightning).
+__all__ = ["load_digits", "run_demo"]
 
 
 def load_digits() -> tuple[Any, Any]:
@@ -67,6 +68,7 @@ def _lightning_classes() -> tuple[type, type]:
         def __init__(self, lr: float = 0.01) -> None:
             super().__init__()
             self.save_hyperparameters()
+            self.lr = lr
             self.net = torch.nn.Sequential(
                 torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
                 torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
@@ -91,7 +93,7 @@ def _lightning_classes() -> tuple[type, type]:
             self.log("val/acc", self.val_acc, prog_bar=True)
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+            return torch.optim.Adam(self.parameters(), lr=self.lr)
 
     return DigitsDataModule, DigitsClassifier
 
@@ -107,7 +109,7 @@ def __getattr__(name: str) -> Any:
 def _callbacks(mode: str, out: Path) -> list[Any]:
     from lightning_evalguard import GuardedEvaluation
 
-    return [GuardedEvaluation(mode=mode, every_n_epochs=1, timeout=120.0)]
+    return [GuardedEvaluation(mode=mode, every_n_epochs=1, timeout=120.0)]  # type: ignore[arg-type]
 
 
 def run_demo(mode: str = "stream", epochs: int = 3, out: str = "evalguard_out") -> int:

@@ -39,7 +39,7 @@ def resolve_callable(value: Any, parameter: str) -> Callable[..., Any] | None:
         raise ValueError(f"`{parameter}`={value!r} could not be imported: {exc}") from exc
     if not callable(obj):
         raise ValueError(f"`{parameter}`={value!r} names {type(obj).__name__}, which is not callable")
-    return obj  # type: ignore[no-any-return]
+    return obj
 
 
 def trainer_val_dataloaders(trainer: Any) -> list[Any]:

@@ -28,7 +28,7 @@ def test_replace_keeps_only_the_newest_pending() -> None:
     q = JobQueue(max_pending=1, when_full="replace")
     jobs = [job(i) for i in range(5)]
     for j in jobs:
-        ok, evicted = q.make_room()
+        ok, _ = q.make_room()
         assert ok
         q.put(j)
     assert q.dropped["replaced"] == 4

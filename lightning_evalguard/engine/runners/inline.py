@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 
+from lightning_evalguard.engine.jobs import Job
 from lightning_evalguard.engine.runners.base import Execute, ThreadJobRunner, _Worker
 
 __all__ = ["InlineRunner"]
@@ -47,7 +48,7 @@ class InlineRunner(ThreadJobRunner):
             with self._workers_lock:
                 self._workers.remove(worker)
 
-    def _on_grace(self, worker: _Worker, job: object) -> None:
+    def _on_grace(self, worker: _Worker, job: Job) -> None:
         with worker.lock:
             if worker.job is job:
                 self.stuck += 1

@@ -125,7 +125,7 @@ class StreamRunner(ThreadJobRunner):
                 slot.free_event = free
 
     # -- stuck threads -----------------------------------------------------------------------------
-    def _on_grace(self, worker: _Worker, job: Any) -> None:
+    def _on_grace(self, worker: _Worker, job: Job) -> None:
         ctx = self.ctx
         assert ctx is not None
         with worker.lock:
