@@ -115,7 +115,8 @@ def test_ledger_moves_values_through_every_state() -> None:
     s = buf.snapshot()
     assert (s["accepted"], s["delivered"], s["spilled"], s["dropped_invalid"], s["pending"]) == (5, 2, 1, 2, 0)
     assert_identity(s)
-    assert s["buffer_bytes"] == 0 and s["buffer_peak_bytes"] > 0
+    assert s["buffer_bytes"] == 0
+    assert s["buffer_peak_bytes"] > 0
 
 
 def test_byte_estimate_tracks_real_memory() -> None:
@@ -144,7 +145,8 @@ def test_drop_newest_and_drop_oldest_keep_the_bound() -> None:
     assert [r.step for r in oldest.take(10)] == [2, 3, 4]
     for buf, reason in ((newest, "dropped_newest"), (oldest, "dropped_oldest")):
         s = buf.snapshot()
-        assert s[reason] == 2 and s["buffer_peak_bytes"] <= 3 * size
+        assert s[reason] == 2
+        assert s["buffer_peak_bytes"] <= 3 * size
         assert_identity(s)
 
 
@@ -153,7 +155,8 @@ def test_spill_when_full_sends_the_oldest_rows_to_disk(tmp_path: Path) -> None:
     for step in range(6):
         pipe.log({"x": float(step)}, step)
     s = pipe.stats()
-    assert s["spilled"] == 3 and s["pending"] == 3
+    assert s["spilled"] == 3
+    assert s["pending"] == 3
     assert_identity(s)
     drain(pipe)  # the backend is up: spilled rows are replayed first, then the buffer
     assert sink.steps() == [0, 1, 2, 3, 4, 5]
@@ -176,7 +179,8 @@ def test_block_waits_for_room_then_gives_up_after_flush_timeout() -> None:
     buf.put_row({"x": 1.0}, 1)
     buf.put_row({"x": 2.0}, 2)  # nobody frees room: waits 3 (fake) seconds, then drops it
     s = buf.snapshot()
-    assert s["dropped_newest"] == 1 and clock.now() >= 3.0
+    assert s["dropped_newest"] == 1
+    assert clock.now() >= 3.0
     # Now a consumer frees room while the producer waits.
     waited.clear()
 
@@ -213,7 +217,8 @@ def test_rows_and_calls_are_delivered_in_order_in_batches() -> None:
         if step == 2:
             pipe.call("log_hyperparams", ({"lr": 0.1},), {})
     assert pipe.flusher.step() == "progress"
-    assert len(sink.rows) == 4 and sink.saves == 1
+    assert len(sink.rows) == 4
+    assert sink.saves == 1
     drain(pipe)
     assert [seq for seq, _, _ in sink.rows] == sorted(seq for seq, _, _ in sink.rows)
     assert sink.rows[3][2] == {"call": "log_hyperparams"}
@@ -230,10 +235,11 @@ def test_transient_failures_are_retried_with_growing_backoff() -> None:
     assert sink.steps() == [0]
     s = pipe.stats()
     assert (s["delivered"], s["failed_attempts"], s["retries"], s["send_attempts"]) == (1, 3, 3, 4)
-    assert s["logged"] == 1 and pipe.breaker.state == "closed"
+    assert s["logged"] == 1
+    assert pipe.breaker.state == "closed"
     # Equal jitter: each wait lies in [d/2, d] for d = 0.5, 1.0, 2.0.
     assert len(clock.slept) == 3
-    for wait, full in zip(clock.slept, (0.5, 1.0, 2.0)):
+    for wait, full in zip(clock.slept, (0.5, 1.0, 2.0), strict=True):
         assert full / 2 <= wait <= full
 
 
@@ -273,7 +279,8 @@ def test_breaker_opens_spills_without_trying_then_a_trial_closes_it(tmp_path: Pa
     assert (s["spilled"], s["breaker_state"]) == (10, STATE_CODES["open"])
     clock.advance(30.0)
     drain(pipe)  # half-open trial (one attempt) fails: open again, timer restarted
-    assert pipe.breaker.state == "open" and pipe.stats()["send_attempts"] == attempts + 1
+    assert pipe.breaker.state == "open"
+    assert pipe.stats()["send_attempts"] == attempts + 1
     sink.down = False
     clock.advance(30.0)
     pipe.log({"x": 10.0}, 10)
@@ -316,7 +323,8 @@ def test_unwritable_spill_dir_drops_rows_counted_and_warns_once(tmp_path: Path) 
     with pytest.warns(RuntimeWarning) as record:
         drain(pipe)
     s = pipe.stats()
-    assert s["dropped_spill_failed"] == 10 and s["spill_write_errors"] >= 1
+    assert s["dropped_spill_failed"] == 10
+    assert s["spill_write_errors"] >= 1
     assert_identity(s)
     assert sum("could not be spilled" in str(w.message) for w in record) == 1
     assert warn.counts["spill_failed"] >= 2  # counted every time, warned once
@@ -327,8 +335,8 @@ def test_full_disk_drops_rows_as_spill_failed_then_recovers(tmp_path: Path) -> N
     sink.down = True
     pipe.log({"x": 0.0}, 0)
     drain(pipe)  # this one reaches the disk
+    pipe.log({"x": 1.0}, 1)
     with FullDisk(tmp_path / "spill") as disk, pytest.warns(RuntimeWarning, match="No space left"):
-        pipe.log({"x": 1.0}, 1)
         drain(pipe)
     assert disk.failed_writes >= 1
     pipe.log({"x": 2.0}, 2)
@@ -345,12 +353,13 @@ def test_full_disk_drops_rows_as_spill_failed_then_recovers(tmp_path: Path) -> N
 def test_spill_cap_refuses_rows_as_spill_full(tmp_path: Path) -> None:
     pipe, sink = make(tmp_path, max_retries=0, max_spill_mb=600 / 2**20, failure_threshold=100)
     sink.down = True
+    for step in range(20):
+        pipe.log({"x": float(step)}, step)
     with pytest.warns(RuntimeWarning, match="max_spill_mb"):
-        for step in range(20):
-            pipe.log({"x": float(step)}, step)
-            drain(pipe)
+        drain(pipe)
     s = pipe.stats()
-    assert s["spilled"] > 0 and s["dropped_spill_full"] > 0
+    assert s["spilled"] > 0
+    assert s["dropped_spill_full"] > 0
     assert s["spilled"] + s["dropped_spill_full"] == 20
     pipe.close(1.0)
 
@@ -376,7 +385,8 @@ def test_watchdog_abandons_a_hung_call_and_a_fresh_flusher_carries_on(tmp_path: 
         assert (s["dropped_abandoned"], s["delivered"], s["abandoned_calls"]) == (1, 3, 1)
         assert_identity(s)
         stuck = pipe.flusher._threads[0]
-        assert stuck.is_alive() and pipe.flusher.thread is not stuck
+        assert stuck.is_alive()
+        assert pipe.flusher.thread is not stuck
     finally:
         sink.release.set()
     stuck.join(10)
@@ -429,7 +439,9 @@ def test_close_is_bounded_spills_the_rest_and_joins(tmp_path: Path) -> None:
     assert elapsed < 0.5 + 0.5, elapsed  # bounded (generous margin for a loaded machine)
     assert pipe.flusher.threads_alive() == []
     s = pipe.stats()
-    assert s["pending"] == 0 and s["delivered"] > 0 and s["spilled"] > 0
+    assert s["pending"] == 0
+    assert s["delivered"] > 0
+    assert s["spilled"] > 0
     assert s["delivered"] + s["spilled"] == 2000
     assert sink.steps() == list(range(s["delivered"]))
     pipe.close(0.5)  # idempotent

@@ -117,7 +117,9 @@ class BufferMachine(RuleBasedStateMachine):
     def ledger_identity(self) -> None:
         stats = self.pipe.stats()
         assert_identity(stats)
-        assert stats["buffer_bytes"] >= 0 and stats["pending"] >= 0 and stats["spilled"] >= 0
+        assert stats["buffer_bytes"] >= 0
+        assert stats["pending"] >= 0
+        assert stats["spilled"] >= 0
 
     def _values_on_disk(self) -> int:
         total = 0
@@ -143,7 +145,8 @@ class BufferMachine(RuleBasedStateMachine):
                 pass
             stats = self.pipe.stats()
             assert_identity(stats)
-            assert stats["pending"] == 0 and stats["held_in_windows"] == 0
+            assert stats["pending"] == 0
+            assert stats["held_in_windows"] == 0
             seqs = [seq for seq, _, values in self.sink.rows if "call" not in values]
             assert seqs == sorted(set(seqs)), "rows delivered twice or out of order"
             delivered_values = sum(len(values) for _, _, values in self.sink.rows if "call" not in values)

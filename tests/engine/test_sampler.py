@@ -66,7 +66,8 @@ def test_first_match_wins_and_unmatched_keys_are_kept() -> None:
     assert rules.rule_for("val/loss") == Rule("all")  # no pattern matches: kept
     assert rules.rule_for("Train/acc") == Rule("all")  # patterns are case-sensitive
     assert not rules.passthrough
-    assert RuleSet(None).passthrough and RuleSet({"*": "all", "x": "all"}).passthrough
+    assert RuleSet(None).passthrough
+    assert RuleSet({"*": "all", "x": "all"}).passthrough
 
 
 def test_every_keeps_the_first_then_each_nth() -> None:
@@ -97,7 +98,8 @@ def test_non_finite_values_are_values() -> None:
     sampler.process({"m": math.inf, "lo": 1.0, "hi": math.nan, "a": math.nan}, 0)
     out = sampler.process({"m": 1.0, "lo": math.nan, "hi": 5.0, "a": -math.inf}, 1)
     assert out["m"] == math.inf
-    assert math.isnan(out["lo"]) and math.isnan(out["hi"])  # a NaN in a window makes min/max NaN
+    assert math.isnan(out["lo"])
+    assert math.isnan(out["hi"])
     assert out["a"] == -math.inf
 
 
@@ -131,13 +133,20 @@ def test_clean_values_keeps_numbers_and_reports_the_rest() -> None:
     }
     clean, invalid = clean_values(row)
     assert invalid == ["s", "n", "d", "t1", "lst"]
-    assert clean["np32"] == 0.25 and type(clean["np32"]) is float
-    assert clean["np_int"] == 7 and type(clean["np_int"]) is int
-    assert clean["frac"] == 0.25 and clean["t0"] == 2.5 and clean["a0"] == 4.0
-    assert clean["b"] is True and math.isnan(clean["nan"])
+    assert clean["np32"] == 0.25
+    assert type(clean["np32"]) is float
+    assert clean["np_int"] == 7
+    assert type(clean["np_int"]) is int
+    assert clean["frac"] == 0.25
+    assert clean["t0"] == 2.5
+    assert clean["a0"] == 4.0
+    assert clean["b"] is True
+    assert math.isnan(clean["nan"])
     plain = {"a": 1.0, "b": 2}
     copy, none = clean_values(plain)
-    assert copy == plain and copy is not plain and none == []
+    assert copy == plain
+    assert copy is not plain
+    assert none == []
 
 
 # -- property test against a reference model -------------------------------------------------------
@@ -200,8 +209,9 @@ def test_sampler_matches_the_reference_model(rules: dict[str, str], rows: list[d
         series = [(step, row[key]) for step, row in enumerate(rows) if key in row]
         expected = _reference(rules[key], series)
         assert len(emitted[key]) == len(expected), (key, rules[key])
-        for (step, value), (ref_step, ref_value) in zip(emitted[key], expected):
-            assert step == ref_step and _same(value, ref_value), (key, rules[key], value, ref_value)
+        for (step, value), (ref_step, ref_value) in zip(emitted[key], expected, strict=True):
+            assert step == ref_step, (key, rules[key])
+            assert _same(value, ref_value), (key, rules[key], value, ref_value)
 
     stats = sampler.stats()
     total = sum(len(r) for r in rows)

@@ -305,14 +305,26 @@ class Flusher:
         """Send (or spill) ``items`` in order. Returns (items handled, all delivered)."""
         handled = 0
         all_ok = True
-        for item in items:
+        index = 0
+        while index < len(items):
             if self._stop.is_set():  # shutting down: the closing thread spills what is left
                 self.buffer.requeue_inflight(gen)
                 return handled, False
-            is_row = isinstance(item, Row)
-            if is_row and (spill_rows or (self.spill is not None and self.spill.backlog_rows)):
-                delivered = False  # rows are spilled behind the backlog, to keep their order
-            elif self.breaker.allow():
+            item = items[index]
+            if isinstance(item, Row) and (spill_rows or (self.spill is not None and self.spill.backlog_rows)):
+                # Rows go behind the spilled backlog, to keep their order: the whole run in one write.
+                end = index + 1
+                while end < len(items) and isinstance(items[end], Row):
+                    end += 1
+                if not self._spill_items(items[index:end], gen):
+                    return handled, False
+                handled += end - index
+                all_ok = False
+                index = end
+                continue
+            index += 1
+            delivered = False
+            if self.breaker.allow():
                 sent = self._send(item, None, gen)
                 if sent is None:
                     return handled, False  # superseded by the watchdog while sending
@@ -321,14 +333,11 @@ class Flusher:
                     self.breaker.record_success()
                 else:
                     self.breaker.record_failure()
-            else:
-                delivered = False
             if delivered:
                 still_mine = self.buffer.resolve(item, DELIVERED, gen)
-            elif is_row:
+            elif isinstance(item, Row):
                 still_mine = self._spill_items([item], gen)
             else:
-                assert isinstance(item, Call)
                 still_mine = self.buffer.resolve(item, "dropped", gen)
                 self._warn("call_dropped", f"BufferedLogging: logger call {item.name!r} could not be delivered")
             if not still_mine:
