@@ -4,8 +4,10 @@ Real data (1,797 handwritten digits shipped in the package), a real ``Trainer.fi
 ``WandbLogger`` in offline mode, and GuardedEvaluation running validation concurrently. At the end
 it prints a summary of the figures and where the W&B offline run (and report) landed.
 
+The CLI imports this module only when ``evalguard demo`` runs, so importing Lightning here costs
+``evalguard --help`` nothing.
+
 Example:
-    >>> from lightning_evalguard.demo import load_digits
     >>> images, labels = load_digits()
     >>> tuple(images.shape), int(labels.max())
     ((1797, 1, 8, 8), 9)
@@ -19,15 +21,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-# DigitsDataModule and DigitsClassifier are importable too; built on first use (they need Lightning).
-__all__ = ["load_digits", "run_demo"]
+import numpy as np
+import torch
+import torchmetrics
+from lightning.pytorch import LightningDataModule, LightningModule
+from torch.utils.data import DataLoader, TensorDataset
+
+__all__ = ["DigitsClassifier", "DigitsDataModule", "load_digits", "run_demo"]
 
 
-def load_digits() -> tuple[Any, Any]:
-    """The bundled digits as ``(images, labels)`` tensors: float32 ``(N, 1, 8, 8)`` in [0, 1], int64 ``(N,)``."""
-    import numpy as np
-    import torch
-
+def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """The bundled digits as ``(images, labels)``: float32 ``(N, 1, 8, 8)`` in [0, 1], int64 ``(N,)``."""
     with resources.files("lightning_evalguard.data").joinpath("digits.npz").open("rb") as fh:
         data = np.load(fh)
         images = torch.from_numpy(data["images"].astype("float32") / 16.0).unsqueeze(1)
@@ -35,75 +39,69 @@ def load_digits() -> tuple[Any, Any]:
     return images, labels
 
 
-def _lightning_classes() -> tuple[type, type]:
-    import torch
-    import torchmetrics
-    from lightning.pytorch import LightningDataModule, LightningModule
-    from torch.utils.data import DataLoader, TensorDataset
+class DigitsDataModule(LightningDataModule):
+    """The bundled digits, split 80/20 into train and validation sets (fixed by ``seed``).
 
-    class DigitsDataModule(LightningDataModule):
-        """80/20 split of the bundled digits, fixed by ``seed``."""
+    Args:
+        batch_size: training batch size.
+        seed: seed of the split.
+    """
 
-        def __init__(self, batch_size: int = 64, seed: int = 0) -> None:
-            super().__init__()
-            self.batch_size = batch_size
-            self.seed = seed
+    def __init__(self, batch_size: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.seed = seed
 
-        def setup(self, stage: str) -> None:
-            images, labels = load_digits()
-            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
-            cut = int(0.8 * len(order))
-            self.train_set = TensorDataset(images[order[:cut]], labels[order[:cut]])
-            self.val_set = TensorDataset(images[order[cut:]], labels[order[cut:]])
+    def setup(self, stage: str) -> None:
+        images, labels = load_digits()
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
+        cut = int(0.8 * len(order))
+        self.train_set = TensorDataset(images[order[:cut]], labels[order[:cut]])
+        self.val_set = TensorDataset(images[order[cut:]], labels[order[cut:]])
 
-        def train_dataloader(self) -> DataLoader:
-            return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
 
-        def val_dataloader(self) -> DataLoader:
-            return DataLoader(self.val_set, batch_size=256)
-
-    class DigitsClassifier(LightningModule):
-        """A small CNN: two 3x3 convolutions and a linear head."""
-
-        def __init__(self, lr: float = 0.01) -> None:
-            super().__init__()
-            self.save_hyperparameters()
-            self.lr = lr
-            self.net = torch.nn.Sequential(
-                torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
-                torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-                torch.nn.Flatten(), torch.nn.Linear(32 * 4 * 4, 10),
-            )
-            self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=10)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net(x)
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            x, y = batch
-            loss = torch.nn.functional.cross_entropy(self(x), y)
-            self.log("train/loss", loss, prog_bar=True)
-            return loss
-
-        def validation_step(self, batch: Any, batch_idx: int) -> None:
-            x, y = batch
-            logits = self(x)
-            self.log("val/loss", torch.nn.functional.cross_entropy(logits, y), prog_bar=True)
-            self.val_acc(logits, y)
-            self.log("val/acc", self.val_acc, prog_bar=True)
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.Adam(self.parameters(), lr=self.lr)
-
-    return DigitsDataModule, DigitsClassifier
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=256)
 
 
-def __getattr__(name: str) -> Any:
-    if name in ("DigitsDataModule", "DigitsClassifier"):
-        datamodule, classifier = _lightning_classes()
-        globals().update(DigitsDataModule=datamodule, DigitsClassifier=classifier)
-        return globals()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+class DigitsClassifier(LightningModule):
+    """A small CNN for 8x8 digits: two 3x3 convolutions and a linear head.
+
+    Args:
+        lr: Adam learning rate.
+    """
+
+    def __init__(self, lr: float = 0.01) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.lr = lr
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Flatten(), torch.nn.Linear(32 * 4 * 4, 10),
+        )
+        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val/loss", torch.nn.functional.cross_entropy(logits, y), prog_bar=True)
+        self.val_acc(logits, y)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
 def _callbacks(mode: str, out: Path) -> list[Any]:
@@ -117,6 +115,7 @@ def run_demo(mode: str = "stream", epochs: int = 3, out: str = "evalguard_out") 
     os.environ.setdefault("WANDB_SILENT", "true")
     import warnings
 
+    import wandb
     from lightning.pytorch import Trainer, seed_everything
     from lightning.pytorch.loggers import WandbLogger
 
@@ -124,7 +123,6 @@ def run_demo(mode: str = "stream", epochs: int = 3, out: str = "evalguard_out") 
     out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(0, verbose=False)
-    datamodule_cls, classifier_cls = _lightning_classes()
     callbacks = _callbacks(mode, out_dir)
     logger = WandbLogger(project="evalguard-demo", save_dir=str(out_dir), offline=True)
     trainer = Trainer(
@@ -132,12 +130,12 @@ def run_demo(mode: str = "stream", epochs: int = 3, out: str = "evalguard_out") 
         log_every_n_steps=1, enable_model_summary=False, enable_checkpointing=False,
     )
     start = time.perf_counter()
+    run_dir = None
     try:
-        trainer.fit(classifier_cls(), datamodule=datamodule_cls())
+        trainer.fit(DigitsClassifier(), datamodule=DigitsDataModule())
     finally:
-        run_dir = Path(logger.experiment.dir).parent if logger._experiment is not None else None
-        import wandb
-
+        if logger._experiment is not None:  # Lightning private: do not create a run just to name it
+            run_dir = Path(logger.experiment.dir).parent
         wandb.finish()
     elapsed = time.perf_counter() - start
     _print_summary(trainer, callbacks, elapsed, run_dir)
