@@ -308,7 +308,9 @@ class SpillStore:
 
     def _commit_locked(self) -> None:
         for seg in self._segments:
-            if seg.cursor >= seg.size and seg.done and not seg.path.name.endswith(REPLAYED_SUFFIX):
+            if seg.path.name.endswith(REPLAYED_SUFFIX):
+                continue
+            if seg.cursor >= seg.size and seg.done:
                 with contextlib.suppress(OSError):
                     seg.path = mark_replayed(seg.path)
             elif seg.cursor != seg.persisted:
