@@ -9,6 +9,7 @@ Sections: evaluation faults (for :class:`~lightning_evalguard.GuardedEvaluation`
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -18,13 +19,239 @@ from lightning_evalguard.engine.clock import SYSTEM_CLOCK, Clock, FakeClock
 from lightning_evalguard.engine.events import EventLog
 
 __all__: list[str] = [
+    "AllocatingEval",
     "BusyCallback",
+    "CrashingEval",
+    "EvalFault",
+    "FaultSequence",
+    "FaultyValidation",
+    "HangingEval",
     "LeakingCallback",
+    "RaisingEval",
+    "SigtermIgnoringEval",
     "SlowHookCallback",
     "StepClock",
 ]
 
 # ---- evaluation faults -------------------------------------------------------------------------
+# For GuardedEvaluation: evaluations that hang, ignore SIGTERM, exit, segfault, raise or allocate
+# without bound. Each is a small picklable callable, usable as ``eval_fn`` (it takes ``(module,
+# dataloader)``), or put into a LightningModule's ``validation_step`` with :class:`FaultyValidation`.
+# The process-level ones (exit, segfault, ignoring SIGTERM, unbounded allocation) are meant for
+# ``mode="subprocess"``: in the training process they would take training down with them.
+
+
+class EvalFault:
+    """Base of the evaluation faults: :meth:`trigger` does the damage, :meth:`fire` triggers it if armed.
+
+    Called as an ``eval_fn``, a fault fires and, if it returns at all, reports
+    ``{"fault/fired": 1.0}`` (``0.0`` when it was not armed).
+
+    Args:
+        once_file: if given, the fault fires only once: for the first call that finds this file
+            absent (it is created atomically just before), across processes and worker restarts.
+            Later calls do nothing, so a test can check that the next evaluation succeeds.
+
+    Example:
+        >>> import os, tempfile
+        >>> once = os.path.join(tempfile.mkdtemp(), "fired")
+        >>> fault = RaisingEval("boom", once_file=once)
+        >>> try:
+        ...     fault(None, None)
+        ... except RuntimeError as exc:
+        ...     print(exc)
+        boom
+        >>> fault(None, None)  # the second time it is disarmed
+        {'fault/fired': 0.0}
+    """
+
+    def __init__(self, once_file: str | os.PathLike[str] | None = None) -> None:
+        self.once_file = os.fspath(once_file) if once_file is not None else None
+
+    def armed(self) -> bool:
+        """Whether the fault fires now (consumes the ``once_file`` if there is one)."""
+        if self.once_file is None:
+            return True
+        try:
+            fd = os.open(self.once_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        os.close(fd)
+        return True
+
+    def trigger(self) -> None:
+        """Do the damage (subclasses)."""
+        raise NotImplementedError
+
+    def fire(self) -> bool:
+        """Trigger the fault if it is armed; ``True`` if it fired (and returned)."""
+        if not self.armed():
+            return False
+        self.trigger()
+        return True
+
+    def __call__(self, module: Any = None, dataloader: Any = None) -> dict[str, float]:
+        return {"fault/fired": float(self.fire())}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(once_file={self.once_file!r})"
+
+
+def _sleep_until(seconds: float | None) -> None:
+    import time
+
+    deadline = None if seconds is None else time.monotonic() + seconds
+    while deadline is None or time.monotonic() < deadline:
+        time.sleep(0.01)  # a Python-level loop: a signal's default action still kills the process
+
+
+class HangingEval(EvalFault):
+    """Hangs for ``seconds`` (``None``: for ever) in a sleep loop, the way a stuck evaluation does.
+
+    Args:
+        seconds: how long to hang; ``None`` never returns.
+        once_file: see :class:`EvalFault`.
+    """
+
+    def __init__(self, seconds: float | None = None, once_file: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(once_file)
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0):
+            raise ValueError(f"`seconds` must be a number >= 0 or None, got {seconds!r}")
+        self.seconds = seconds
+
+    def trigger(self) -> None:
+        _sleep_until(self.seconds)
+
+
+class SigtermIgnoringEval(HangingEval):
+    """Ignores ``SIGTERM``, then hangs: only ``SIGKILL`` stops it (subprocess mode; main thread only)."""
+
+    def trigger(self) -> None:
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _sleep_until(self.seconds)
+
+
+class CrashingEval(EvalFault):
+    """Kills its own process: ``kind="exit"`` calls ``os._exit(exit_code)``, ``kind="segfault"``
+    reads address 0 (``ctypes.string_at(0)``), as a crashing C extension would. Subprocess mode only.
+
+    Args:
+        kind: ``"exit"`` or ``"segfault"``.
+        exit_code: the exit code for ``kind="exit"``.
+        once_file: see :class:`EvalFault`.
+    """
+
+    def __init__(
+        self,
+        kind: Literal["exit", "segfault"] = "exit",
+        exit_code: int = 3,
+        once_file: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__(once_file)
+        if kind not in ("exit", "segfault"):
+            raise ValueError(f"`kind` must be 'exit' or 'segfault', got {kind!r}")
+        self.kind = kind
+        self.exit_code = int(exit_code)
+
+    def trigger(self) -> None:
+        if self.kind == "exit":
+            os._exit(self.exit_code)
+        import ctypes
+        import faulthandler
+
+        faulthandler.disable()  # a test segfault needs no C traceback on stderr
+        ctypes.string_at(0)
+
+
+class RaisingEval(EvalFault):
+    """Raises ``error(message)``.
+
+    Args:
+        message: the exception message.
+        error: the exception class.
+        once_file: see :class:`EvalFault`.
+    """
+
+    def __init__(
+        self,
+        message: str = "injected evaluation failure",
+        error: type[BaseException] = RuntimeError,
+        once_file: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__(once_file)
+        self.message = message
+        self.error = error
+
+    def trigger(self) -> None:
+        raise self.error(self.message)
+
+
+class AllocatingEval(EvalFault):
+    """Allocates (and touches) ``chunk_mb`` after ``chunk_mb`` of host memory, keeping all of it.
+
+    Without ``max_mb`` it stops only when an allocation fails (``MemoryError``): run it under a
+    memory limit, e.g. a worker with ``EVALGUARD_WORKER_RLIMIT_AS_MB`` set (see
+    :mod:`lightning_evalguard.engine.runners._worker`), never unguarded in a test process.
+
+    Args:
+        chunk_mb: size of each allocation, MB.
+        max_mb: a safety stop: raise ``MemoryError("AllocatingEval reached max_mb=...")`` there.
+        once_file: see :class:`EvalFault`.
+    """
+
+    def __init__(
+        self, chunk_mb: float = 16.0, max_mb: float | None = None, once_file: str | os.PathLike[str] | None = None
+    ) -> None:
+        super().__init__(once_file)
+        if isinstance(chunk_mb, bool) or not isinstance(chunk_mb, (int, float)) or chunk_mb <= 0:
+            raise ValueError(f"`chunk_mb` must be a number > 0, got {chunk_mb!r}")
+        self.chunk_mb = float(chunk_mb)
+        self.max_mb = max_mb
+
+    def trigger(self) -> None:
+        chunk = int(self.chunk_mb * 2**20)
+        held: list[bytearray] = []
+        while self.max_mb is None or len(held) * self.chunk_mb < self.max_mb:
+            block = bytearray(chunk)
+            memoryview(block)[::4096] = b"\x01" * len(range(0, chunk, 4096))  # touch every page
+            held.append(block)
+        raise MemoryError(f"AllocatingEval reached max_mb={self.max_mb}")
+
+
+class FaultSequence(EvalFault):
+    """Fires the first of ``faults`` that is still armed: with ``once_file`` faults, evaluation k gets
+    fault k, whatever worker runs it; once all have fired, evaluations run normally.
+
+    Args:
+        faults: the faults, in order.
+    """
+
+    def __init__(self, faults: list[EvalFault]) -> None:
+        super().__init__(None)
+        self.faults = list(faults)
+
+    def fire(self) -> bool:
+        return any(fault.fire() for fault in self.faults)
+
+
+class FaultyValidation:
+    """LightningModule mixin: ``validation_step`` fires ``self.validation_fault`` before the real one.
+
+    Put it first in the bases, and set ``validation_fault`` (class or instance attribute)::
+
+        class Broken(FaultyValidation, MyModel):
+            validation_fault = CrashingEval("segfault", once_file="/tmp/crash-once")
+    """
+
+    validation_fault: EvalFault | None = None
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.validation_fault is not None:
+            self.validation_fault.fire()
+        return super().validation_step(*args, **kwargs)  # type: ignore[misc]
+
 
 # ---- logging faults ----------------------------------------------------------------------------
 

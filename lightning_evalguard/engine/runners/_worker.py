@@ -1,0 +1,223 @@
+"""The evaluation worker process: entry point of every ``spawn``-started worker generation.
+
+It receives, once, the snapshot slots (shared-memory or CUDA IPC buffers) and the payload (the
+module's structure, the dataloaders, ``eval_fn``), then serves jobs until told to stop::
+
+    parent -> worker   ("run", job_id, slot_index, step, epoch) | ("stop",)
+    worker -> parent   ("ready", pid) | ("start_failed", traceback_text)
+                       ("loaded", job_id, load_s)        the slot may be reused from now on
+                       ("ok", job_id, Collected) | ("failed", job_id, error_bytes, traceback_text)
+
+Messages are plain pickles (never torch's shared-memory reductions). The worker runs at a lower CPU
+priority, ignores ``SIGINT`` (the parent owns shutdown: Ctrl-C in a terminal reaches the whole
+process group), dies with its parent (Linux ``PR_SET_PDEATHSIG``), prints a C-level traceback on a
+fatal signal (:mod:`faulthandler`), and collects garbage after every job.
+
+Test hook: when ``EVALGUARD_WORKER_RLIMIT_AS_MB`` is set in the environment of the training process,
+each worker caps its address space (``RLIMIT_AS``) at that many MB above its size once set up, so a
+test of an unbounded allocation cannot take the machine down. CPU only: a CUDA context reserves far
+more address space than that.
+
+Nothing here imports Lightning; unpickling the module imports what its class needs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import faulthandler
+import gc
+import os
+import pickle
+import signal
+import sys
+import time
+import traceback
+from typing import Any
+
+__all__ = ["RLIMIT_ENV", "lower_priority", "main", "nice_target"]
+
+RLIMIT_ENV = "EVALGUARD_WORKER_RLIMIT_AS_MB"
+_PR_SET_PDEATHSIG = 1
+
+
+def _send(conn: Any, message: tuple[Any, ...]) -> None:
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def nice_target(niceness: int) -> int:
+    """The nice value ``niceness`` steps below this process's priority (capped at 19)."""
+    if niceness <= 0 or not hasattr(os, "getpriority"):
+        return 0
+    return min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness)
+
+
+def lower_priority(target: int, pid: int = 0) -> None:
+    """Set the nice value of ``pid`` (0: this process) to ``target`` unless it is already lower priority.
+
+    Best effort: a process that is gone, or a system that refuses, is left as it is.
+    """
+    if target <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        if os.getpriority(os.PRIO_PROCESS, pid) < target:
+            os.setpriority(os.PRIO_PROCESS, pid, target)
+    except OSError:
+        pass
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(0)
+
+
+def _limit_address_space() -> None:
+    extra_mb = os.environ.get(RLIMIT_ENV)
+    if not extra_mb:
+        return
+    import resource
+
+    with open("/proc/self/status") as status:
+        vm_kb = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+    limit = vm_kb * 1024 + int(float(extra_mb) * 2**20)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+
+class _State:
+    """The worker's module copy, its program, and the views of every slot."""
+
+    def __init__(self, buffers: list[Any], payload_buffer: Any, payload_size: int) -> None:
+        import torch
+
+        from lightning_evalguard.engine.program import EvalProgram
+        from lightning_evalguard.engine.runners._payload import WorkerPayload, load_module
+        from lightning_evalguard.engine.snapshot import state_tensors
+
+        payload = WorkerPayload.decode(ctypes.string_at(payload_buffer.data_ptr(), payload_size))
+        self.device = torch.device(payload.eval_device)
+        module = load_module(payload.module, payload.placeholders)
+        module.to(self.device)
+        module.requires_grad_(False)
+        module.eval()
+        self.module = module
+        self.state = state_tensors(module)
+        mismatch = payload.layout.matches(self.state)
+        if mismatch is not None:
+            raise RuntimeError(f"the module rebuilt in the worker does not match the snapshot: {mismatch}")
+        self.slots = [payload.layout.views(buffer) for buffer in buffers]
+        self.slot_cuda = bool(buffers) and buffers[0].is_cuda
+        loaders: list[Any] = pickle.loads(payload.dataloaders) if payload.dataloaders is not None else []
+        if payload.dataloader_factory is not None:
+            loaders = _as_list(pickle.loads(payload.dataloader_factory)())
+        eval_fn = pickle.loads(payload.eval_fn) if payload.eval_fn is not None else None
+        self.program = EvalProgram(loaders, payload.limit_batches, eval_fn)
+
+    def load(self, index: int) -> None:
+        """Copy slot ``index`` into the module (the parent already waited for its CUDA copy)."""
+        import torch
+
+        slot = self.slots[index]
+        if not slot:
+            return
+        with torch.no_grad():
+            if self.state and self.state[0].device == slot[0].device:
+                torch._foreach_copy_(self.state, slot, non_blocking=True)
+            else:  # evaluation on another device than the slots (e.g. a spare GPU)
+                for dst, src in zip(self.state, slot, strict=True):
+                    dst.copy_(src, non_blocking=True)
+        if self.slot_cuda:  # pragma: no cover - GPU
+            torch.cuda.synchronize(slot[0].device)
+        if self.device.type == "cuda":  # pragma: no cover - GPU
+            torch.cuda.synchronize(self.device)
+
+    def cleanup(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda" or self.slot_cuda:  # pragma: no cover - GPU
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        """Let go of the slots (CUDA IPC handles must be released before the process exits)."""
+        self.slots = []
+        self.state = []
+        if self.slot_cuda:  # pragma: no cover - GPU
+            import torch
+
+            torch.cuda.synchronize()
+            gc.collect()
+            torch.cuda.ipc_collect()
+
+
+def _as_list(loaders: Any) -> list[Any]:
+    """A dataloader, a sequence of them, or a mapping of them (values, in order) as a list."""
+    from collections.abc import Mapping
+
+    if isinstance(loaders, Mapping):
+        return list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        return list(loaders)
+    return [loaders]
+
+
+def _error_message(job_id: int, exc: BaseException) -> tuple[Any, ...]:
+    text = "".join(traceback.format_exception(exc))
+    try:
+        import cloudpickle
+
+        data = cloudpickle.dumps(exc)
+        pickle.loads(data)  # what the parent will do; some exceptions do not round-trip
+    except Exception:
+        data = None
+    return ("failed", job_id, data, text)
+
+
+def main(conn: Any, config: dict[str, Any], buffers: list[Any], payload_buffer: Any, payload_size: int) -> None:
+    """Worker entry point (run by ``multiprocessing`` with the ``spawn`` start method)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    lower_priority(int(config.get("nice", 0)))
+    _die_with_parent(int(config["parent_pid"]))
+    faulthandler.enable()
+    try:
+        state = _State(buffers, payload_buffer, payload_size)
+        del buffers, payload_buffer  # the views keep what is needed
+        _limit_address_space()
+    except BaseException as exc:
+        _send(conn, ("start_failed", "".join(traceback.format_exception(exc))))
+        conn.close()
+        sys.exit(1)
+    _send(conn, ("ready", os.getpid()))
+    try:
+        _serve(conn, state)
+    finally:
+        state.close()
+        conn.close()
+
+
+def _serve(conn: Any, state: _State) -> None:
+    while True:
+        try:
+            message = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if message[0] == "stop":
+            return
+        _, job_id, index, _step, _epoch = message
+        try:
+            start = time.perf_counter()
+            state.load(index)
+            _send(conn, ("loaded", job_id, time.perf_counter() - start))
+            result = state.program.run(state.module)
+        except BaseException as exc:  # the evaluation's own failure, whatever it is
+            reply = _error_message(job_id, exc)
+        else:
+            reply = ("ok", job_id, result)
+        finally:
+            state.cleanup()
+        _send(conn, reply)
