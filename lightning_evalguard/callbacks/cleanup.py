@@ -38,9 +38,11 @@ class ResourceCleanup(Callback):
     logs them under ``evalguard/mem/`` and returns them from :meth:`stats`.
 
     The CUDA cache is never emptied per step: an emptied cache sends the next steps' allocations
-    back to ``cudaMalloc`` and costs around 10 % throughput in trainers that do it per step. After
-    an evaluation job, a cleanup runs at the next training step, and at most once per
-    :attr:`evaluation_cleanup_min_steps` steps (a later job's cleanup is deferred, not lost).
+    back to ``cudaMalloc`` and costs around 10 % throughput in trainers that do it per step. An
+    evaluation job's end is noticed at the first training step after it stops being ``busy()``
+    (or within :attr:`poll_every_n_steps` steps for jobs that never look busy, as in inline mode);
+    the cleanup then runs, at most once per :attr:`evaluation_cleanup_min_steps` steps (a later
+    job's cleanup is deferred, not lost).
 
     A full collection (``gc_generation=2``) walks every live object; with torch and Lightning loaded
     that is 0.1 s or so. It is negligible once per real epoch; for very short epochs use
@@ -69,6 +71,9 @@ class ResourceCleanup(Callback):
 
     evaluation_cleanup_min_steps: int = 50
     """Fewest training steps between two after-evaluation cleanups."""
+
+    poll_every_n_steps: int = 20
+    """Steps between two reads of the evaluation callback's job counts while it does not look busy."""
 
     def __init__(
         self,
@@ -107,6 +112,8 @@ class ResourceCleanup(Callback):
         self._peers: list[Any] = []
         self._device: int | None = None
         self._finished_seen = 0
+        self._was_busy = False
+        self._steps_since_poll = 0
         self._pending = False
         self._last_evaluation_cleanup_step: int | None = None
         self._warned: set[str] = set()
@@ -268,6 +275,16 @@ class ResourceCleanup(Callback):
             total += int(sum(stats.get(k, 0) for k in _FINISHED_KEYS))
         return total
 
+    def _any_busy(self) -> bool:
+        for peer in self._peers:
+            busy = getattr(peer, "busy", None)
+            try:
+                if busy is not None and busy():
+                    return True
+            except Exception as exc:
+                warn_once(self._warned, "busy", f"ResourceCleanup: busy() of {peer!r} failed: {exc!r}")
+        return False
+
     def _on_stats_error(self, exc: BaseException) -> None:
         warn_once(self._warned, "stats", f"ResourceCleanup: stats() of the evaluation callback failed: {exc!r}")
 
@@ -280,6 +297,8 @@ class ResourceCleanup(Callback):
         device = pl_module.device
         self._device = device.index if device.type == "cuda" else None
         self._finished_seen = self._finished_jobs()
+        self._was_busy = False
+        self._steps_since_poll = 0
         self._pending = False
         self._last_evaluation_cleanup_step = None
         self._add_hook_time(start)
@@ -291,12 +310,20 @@ class ResourceCleanup(Callback):
         if not self._peers:
             return
         start = self._clock.now()
-        finished = self._finished_jobs()
-        if finished != self._finished_seen:
-            self._finished_seen = finished
-            if self._pending:
-                self._counters["evaluation_cleanups_deferred"] += 1
-            self._pending = True
+        # stats() is not free (tens of microseconds); busy() is. Read the job counts when a job has
+        # just stopped running, and every few steps for jobs that began and ended between two hooks
+        # (inline mode runs them inside GuardedEvaluation's own hook).
+        busy = self._any_busy()
+        self._steps_since_poll += 1
+        if (self._was_busy and not busy) or self._steps_since_poll >= self.poll_every_n_steps:
+            self._steps_since_poll = 0
+            finished = self._finished_jobs()
+            if finished != self._finished_seen:
+                self._finished_seen = finished
+                if self._pending:
+                    self._counters["evaluation_cleanups_deferred"] += 1
+                self._pending = True
+        self._was_busy = busy
         if self._pending:
             step = trainer.global_step
             last = self._last_evaluation_cleanup_step

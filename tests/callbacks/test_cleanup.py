@@ -51,22 +51,27 @@ def fit(callbacks: list[Callback], epochs: int = 4, logger: Any = False, **train
 
 
 class FakeEvaluation(Callback):
-    """GuardedEvaluation's surface: a job ends at each step in ``finish_at``; buffers to release."""
+    """GuardedEvaluation's surface: a job runs over the two steps before each step in ``finish_at``."""
 
-    def __init__(self, finish_at: set[int], release_bytes: int = 1000, fail_release: bool = False) -> None:
+    def __init__(
+        self, finish_at: set[int], release_bytes: int = 1000, fail_release: bool = False, looks_busy: bool = True
+    ) -> None:
         self.finish_at = finish_at
         self.release_bytes = release_bytes
         self.fail_release = fail_release
+        self.looks_busy = looks_busy
         self.completed = 0
+        self.step = 0
         self.stats_calls = 0
         self.release_calls = 0
 
     def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
-        if trainer.global_step in self.finish_at:
+        self.step = trainer.global_step
+        if self.step in self.finish_at:
             self.completed += 1
 
     def busy(self) -> bool:
-        return False
+        return self.looks_busy and any(end - 2 <= self.step < end for end in self.finish_at)
 
     def stats(self) -> dict[str, float | int]:
         self.stats_calls += 1
@@ -216,11 +221,24 @@ def test_cleans_up_after_each_evaluation_job_and_releases_its_buffers() -> None:
     assert [e.fields["reason"] for e in events] == ["evaluation"] * 3
 
 
+def test_jobs_that_never_look_busy_are_noticed_by_polling_and_stats_is_not_read_per_step() -> None:
+    evaluation = FakeEvaluation(finish_at={3, 30}, looks_busy=False)
+    cleanup = ResourceCleanup(every_n_epochs=0, gc_generation=0)
+    cleanup.evaluation_cleanup_min_steps = 1
+    cleanup.poll_every_n_steps = 10
+    fit([evaluation, cleanup], epochs=4)  # 32 steps
+    assert cleanup.stats()["evaluation_cleanups"] == 2
+    assert evaluation.stats_calls == 1 + 32 // 10  # once at fit start, then every 10 steps
+    _, events = cleanup.events.since(0)
+    assert len(events) == 2
+
+
 def test_jobs_ending_every_step_do_not_make_a_cleanup_per_step() -> None:
     steps = 4 * STEPS_PER_EPOCH
     evaluation = FakeEvaluation(finish_at=set(range(1, steps + 1)))
     cleanup = ResourceCleanup(every_n_epochs=0, gc_generation=0)
     cleanup.evaluation_cleanup_min_steps = 10
+    cleanup.poll_every_n_steps = 1  # notice every job at once: only the spacing holds cleanups back
     fit([evaluation, cleanup], epochs=4)
     stats = cleanup.stats()
     assert 1 <= stats["evaluation_cleanups"] <= steps // 10 + 1
@@ -320,6 +338,7 @@ def test_cuda_cache_is_released_at_epoch_ends_never_per_step() -> None:
     evaluation = FakeEvaluation(finish_at=set(range(1, steps + 1)))
     cleanup = ResourceCleanup(every_n_epochs=1, gc_generation=0)
     cleanup.evaluation_cleanup_min_steps = 10
+    cleanup.poll_every_n_steps = 1
     fit([evaluation, cleanup], epochs=3, accelerator="gpu", devices=1)
     stats = cleanup.stats()
     assert stats["epoch_cleanups"] == 3
