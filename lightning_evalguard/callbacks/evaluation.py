@@ -38,6 +38,21 @@ def _check_positive_int_or_none(name: str, value: Any) -> None:
         raise ValueError(f"`{name}` must be a positive int or None, got {value!r}")
 
 
+def _check_subprocess_only(mode: str, **params: Any) -> None:
+    for name, value in params.items():
+        if value is not None and mode != "subprocess":
+            raise ValueError(f"`{name}` is only used with mode='subprocess', got {name}={value!r} with mode={mode!r}")
+
+
+def _check_device(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"`{name}` must be a device string such as 'cuda:1' or 'cpu', got {value!r}")
+    try:
+        torch.device(value)
+    except RuntimeError as exc:
+        raise ValueError(f"`{name}` must be a device string such as 'cuda:1' or 'cpu', got {value!r}") from exc
+
+
 def _check_number(name: str, value: Any, *, minimum: float, strict: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > minimum if strict else value >= minimum)
@@ -78,12 +93,29 @@ class GuardedEvaluation(Callback):
         eval_fn: replaces ``validation_step``: ``eval_fn(module, dataloader) -> Mapping[str, float]``,
             a callable or an import path such as ``"my_pkg.evals:accuracy"``; may be ``async``.
         prefix: prepended to every metric name the evaluation produces.
-        cancel_grace: seconds a timed-out job gets to stop before its thread is abandoned.
+        cancel_grace: seconds a timed-out job gets to stop before its thread is abandoned; in
+            subprocess mode, how long ``fit``'s end waits for the workers to stop before
+            ``SIGKILL``.
+        kill_grace: subprocess mode: seconds between ``SIGTERM`` and ``SIGKILL`` for a worker whose
+            evaluation timed out.
+        spare_worker: subprocess mode: keep a second worker warm, so a replacement after a kill or
+            crash takes milliseconds instead of a multi-second cold start (it costs that
+            worker's memory: a module copy and its imports).
+        max_respawns: subprocess mode: worker replacements allowed per ``fit``; after that a
+            lost worker turns evaluation off for the rest of the run (with a warning).
+        eval_device: subprocess mode: the device the worker evaluates on (default: the training
+            device), e.g. ``"cuda:1"`` for a spare GPU, or ``"cpu"``.
+        dataloader_factory: subprocess mode: builds the validation dataloader(s) inside the
+            worker instead of pickling the trainer's (for dataloaders that cannot be pickled):
+            an import path such as ``"my_pkg.data:val_loader"`` or a picklable callable taking
+            no argument and returning a dataloader, a list or a dict of them.
 
     Raises:
         ValueError: for an unknown mode, a non-positive interval, both triggers ``None``, a bad
-            number, or an ``eval_fn`` path that cannot be imported.
-        TypeError: for an ``eval_fn`` that is neither callable nor a string.
+            number, an ``eval_fn`` or ``dataloader_factory`` path that cannot be imported, a bad
+            ``eval_device``, or ``eval_device`` / ``dataloader_factory`` outside subprocess mode.
+        TypeError: for an ``eval_fn`` or ``dataloader_factory`` that is neither callable nor a
+            string, or a non-bool ``spare_worker``.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -108,6 +140,11 @@ class GuardedEvaluation(Callback):
         eval_fn: Callable[..., Any] | str | None = None,
         prefix: str = "",
         cancel_grace: float = 5.0,
+        kill_grace: float = 5.0,
+        spare_worker: bool = True,
+        max_respawns: int = 5,
+        eval_device: str | None = None,
+        dataloader_factory: Callable[[], Any] | str | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
@@ -125,6 +162,14 @@ class GuardedEvaluation(Callback):
         _check_number("recovery_time", recovery_time, minimum=0)
         _check_number("final_timeout", final_timeout, minimum=0)
         _check_number("cancel_grace", cancel_grace, minimum=0)
+        _check_number("kill_grace", kill_grace, minimum=0)
+        if not isinstance(spare_worker, bool):
+            raise TypeError(f"`spare_worker` must be a bool, got {spare_worker!r}")
+        if isinstance(max_respawns, bool) or not isinstance(max_respawns, int) or max_respawns < 0:
+            raise ValueError(f"`max_respawns` must be an int >= 0, got {max_respawns!r}")
+        _check_subprocess_only(mode, eval_device=eval_device, dataloader_factory=dataloader_factory)
+        if eval_device is not None:
+            _check_device("eval_device", eval_device)
         if limit_batches is not None and (
             isinstance(limit_batches, bool)
             or not isinstance(limit_batches, (int, float))
@@ -148,6 +193,12 @@ class GuardedEvaluation(Callback):
         self.eval_fn = resolve_callable(eval_fn, "eval_fn")
         self.prefix = prefix
         self.cancel_grace = float(cancel_grace)
+        self.kill_grace = float(kill_grace)
+        self.spare_worker = spare_worker
+        self.max_respawns = max_respawns
+        self.eval_device = eval_device
+        self.dataloader_factory_spec = dataloader_factory
+        self.dataloader_factory = resolve_callable(dataloader_factory, "dataloader_factory")
 
         self.events = EventLog("evaluation")
         self._evaluator: Evaluator | None = None
@@ -232,7 +283,7 @@ class GuardedEvaluation(Callback):
 
     def _build(self, trainer: Trainer, pl_module: LightningModule) -> None:
         dataloaders = trainer_val_dataloaders(trainer)
-        if not dataloaders and self.eval_fn is None:
+        if not dataloaders and self.eval_fn is None and self.dataloader_factory is None:
             raise ValueError(
                 "GuardedEvaluation found no validation dataloader: pass `val_dataloaders` to `fit`, define "
                 "`val_dataloader()` on the module or datamodule, or give `eval_fn`"
@@ -261,7 +312,7 @@ class GuardedEvaluation(Callback):
     def _make_runner(self, pl_module: LightningModule) -> tuple[Runner, Callable[[], Any]]:
         """The runner for ``mode`` and the factory of its snapshot slots."""
         if self.mode == "subprocess":
-            raise NotImplementedError("GuardedEvaluation(mode='subprocess') is not available yet")
+            return self._make_subprocess_runner(pl_module)
 
         def make_shadow() -> tuple[list[torch.Tensor], LightningModule]:
             # LightningModule.__getstate__ drops the trainer, so this copies the module only.
@@ -280,6 +331,36 @@ class GuardedEvaluation(Callback):
 
             runner = StreamRunner(self._execute, cancel_grace=self.cancel_grace)
         return runner, make_shadow
+
+    def _make_subprocess_runner(self, pl_module: LightningModule) -> tuple[Runner, Callable[[], Any]]:
+        """A persistent worker process; the module, program and shared slots are built now, on the
+        training thread, so a pickling problem is reported at set-up with what to change."""
+        from lightning_evalguard.engine.runners.subprocess import SubprocessRunner
+
+        assert self._program is not None
+        program = self._program
+        if self.dataloader_factory is not None:  # the worker builds its own; the trainer's stay here
+            program = EvalProgram([], program.limit_batches, program.eval_fn)
+        device = torch.device(self.eval_device) if self.eval_device is not None else pl_module.device
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"`eval_device`={self.eval_device!r} is a CUDA device, but CUDA is not available")
+        try:
+            runner = SubprocessRunner.for_module(
+                pl_module,
+                program,
+                slots=self.max_pending + 1,
+                eval_device=device,
+                dataloader_factory=self.dataloader_factory,
+                kill_grace=self.kill_grace,
+                spare_worker=self.spare_worker,
+                max_respawns=self.max_respawns,
+                # A cold start imports torch and Lightning and builds the dataloaders: allow it more
+                # than a short evaluation timeout.
+                start_timeout=max(self.timeout, 300.0),
+            )
+        except TypeError as exc:
+            raise TypeError(f"GuardedEvaluation(mode='subprocess'): {exc}") from exc.__cause__
+        return runner, runner.slot_factory
 
     def _execute(self, job: Job) -> Any:
         assert self._program is not None
