@@ -36,7 +36,7 @@ def test_the_engine_never_imports_lightning() -> None:
 
 @pytest.mark.parametrize(
     "module",
-    ["clock", "breaker", "events", "sla", "steptimer", "memory"],
+    ["clock", "breaker", "events", "sla", "steptimer", "memory", "figures"],
 )
 def test_tensor_free_engine_modules_import_neither_torch_nor_psutil(module: str) -> None:
     assert imported_after(f"import lightning_evalguard.engine.{module}") == set()
@@ -81,6 +81,7 @@ def test_using_the_callbacks_adds_neither_wandb_nor_matplotlib_to_what_lightning
         "lightning_evalguard.callbacks.monitor",
         "lightning_evalguard.engine.sla",
         "lightning_evalguard.engine.steptimer",
+        "lightning_evalguard.engine.figures",
         "lightning_evalguard.engine.memory",
     ],
 )

@@ -26,8 +26,9 @@ from lightning_evalguard.callbacks._peers import (
 )
 from lightning_evalguard.engine.clock import SYSTEM_CLOCK, Clock
 from lightning_evalguard.engine.events import EventLog
+from lightning_evalguard.engine.figures import evaluation_figures, judge, logging_figures, memory_figures, step_figures
 from lightning_evalguard.engine.memory import MemoryReading, read_memory
-from lightning_evalguard.engine.sla import MB, Alert, AlertBook, GrowthSeries, StepTimes, median, percentile
+from lightning_evalguard.engine.sla import MB, Alert, AlertBook, GrowthSeries, StepTimes
 from lightning_evalguard.engine.steptimer import ClockStepTimer, CudaStepTimer, StepTimer
 from lightning_evalguard.errors import EvalGuardWarning, SLAViolation
 from lightning_evalguard.report import SCHEMA, TimelineRecorder, write_report
@@ -56,15 +57,6 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise TypeError(f"`{name}` must be an int, got {value!r}")
     if value < minimum:
         raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}")
-
-
-def _total(stats: list[dict[str, float]], *keys: str) -> float:
-    return float(sum(s.get(k, 0.0) for s in stats for k in keys)) if stats else math.nan
-
-
-def _worst(stats: list[dict[str, float]], key: str) -> float:
-    values = [s[key] for s in stats if key in s and math.isfinite(s[key])]
-    return max(values) if values else math.nan
 
 
 class PerformanceMonitor(Callback):
@@ -460,99 +452,33 @@ class PerformanceMonitor(Callback):
         return total
 
     def _compute_figures(self) -> dict[str, float]:
-        nan = math.nan
-        times = self._times
-        all_steps = times.all_values()
-        slowdown = times.slowdown(_MIN_SAMPLES)
-        f: dict[str, float] = {
-            "steps": float(self._steps),
-            "measured_steps": float(times.count),
-            "busy_steps": float(times.busy_count),
-            "step_time_p50_s": median(all_steps),
-            "step_time_p95_s": percentile(all_steps, 95.0),
-            "step_time_idle_p50_s": times.idle.median(),
-            "step_time_busy_p50_s": times.busy.median(),
-            "step_slowdown": slowdown.estimate if slowdown else nan,
-            "step_slowdown_lower": slowdown.lower if slowdown else nan,
-        }
+        f = {"steps": float(self._steps), **step_figures(self._times, _MIN_SAMPLES)}
         hook_total = self._hook_time_total()
-        if self._warm_t is not None and times.count >= _MIN_SAMPLES:
+        f["hook_time_s"] = hook_total
+        f["hook_time_per_step_s"] = f["hook_overhead"] = math.nan
+        if self._warm_t is not None and self._times.count >= _MIN_SAMPLES:
             elapsed = self._clock.now() - self._warm_t
             spent = hook_total - self._warm_hook_time
             f["hook_time_per_step_s"] = spent / max(1, self._steps - self.warmup_steps)
-            f["hook_overhead"] = spent / elapsed if elapsed > 0 else nan
-        else:
-            f["hook_time_per_step_s"] = f["hook_overhead"] = nan
-        f["hook_time_s"] = hook_total
-
-        ev = [self._peer_stats.get(id(p), {}) for p in self._eval_peers]
-        f.update(
-            eval_submitted=_total(ev, "submitted"),
-            eval_completed=_total(ev, "completed"),
-            eval_failed=_total(ev, "failed"),
-            eval_timed_out=_total(ev, "timed_out"),
-            eval_cancelled=_total(ev, "cancelled"),
-            eval_skipped=_total(ev, "skipped_breaker_open", "skipped_queue_full"),
-            eval_queue_depth=_total(ev, "pending", "running"),
-            eval_last_latency_s=_worst(ev, "last_latency_s"),
-            eval_latency_p50_s=_worst(ev, "latency_p50_s"),
-            eval_latency_p95_s=_worst(ev, "latency_p95_s"),
-            eval_breaker_state=_worst(ev, "breaker_state"),
-            watchdog_lag_p95_s=_worst(ev, "watchdog_lag_p95_s"),
-            watchdog_lag_max_s=_worst(ev, "watchdog_lag_max_s"),
-        )
-        lg = [self._peer_stats.get(id(p), {}) for p in self._log_peers]
-        dropped = float(sum(v for s in lg for k, v in s.items() if k.startswith("dropped_"))) if lg else nan
-        accepted = _total(lg, "accepted")
-        accounted = _total(lg, "delivered", "pending", "spilled") + dropped
-        f.update(
-            logging_accepted=accepted,
-            logging_delivered=_total(lg, "delivered"),
-            logging_pending=_total(lg, "pending"),
-            logging_spilled=_total(lg, "spilled"),
-            logging_dropped=dropped,
-            logging_accounting_gap=accepted - accounted,
-            logging_failure_rate=_worst(lg, "logging_failure_rate"),
-            logging_flush_latency_p95_s=_worst(lg, "flush_latency_p95_s"),
-            logging_buffer_peak_bytes=_worst(lg, "buffer_peak_bytes"),
-            logging_breaker_state=_worst(lg, "breaker_state"),
-        )
-        mem = self._memory_now
-        f.update(host_rss_mb=mem.host_rss / MB, cuda_allocated_mb=mem.cuda_allocated / MB)
-        for name, series in (("host", self._host), ("cuda", self._cuda)):
-            per_hour, per_epoch = series.mb_per_hour(), series.mb_per_epoch()
-            f[f"{name}_growth_mb_per_hour"] = per_hour.slope if per_hour else nan
-            f[f"{name}_growth_mb_per_epoch"] = per_epoch.slope if per_epoch else nan
+            f["hook_overhead"] = spent / elapsed if elapsed > 0 else math.nan
+        f.update(evaluation_figures([self._peer_stats.get(id(p), {}) for p in self._eval_peers]))
+        f.update(logging_figures([self._peer_stats.get(id(p), {}) for p in self._log_peers]))
+        f.update(memory_figures(self._memory_now, self._host, self._cuda))
         return f
 
     def _judge(self, trainer: pl.Trainer) -> list[Alert]:
-        f = self._figures
         limits = self.thresholds()
-        checks: list[tuple[str, float, float | None]] = [
-            ("step_slowdown", f["step_slowdown"], f["step_slowdown_lower"]),
-            ("hook_overhead", f["hook_overhead"], None),
-            ("logging_failure_rate", f["logging_failure_rate"], None),
-            ("memory_growth", f["host_growth_mb_per_hour"], self._host.judged_mb_per_hour()),
-            ("cuda_memory_growth", f["cuda_growth_mb_per_hour"], self._cuda.judged_mb_per_hour()),
-            ("scheduler_lag", f["watchdog_lag_p95_s"], None),
-        ]
-        if self.max_eval_latency is not None:
-            checks.append(("eval_latency", f["eval_latency_p95_s"], None))
-        now = self._clock.now()
-        new: list[Alert] = []
-        active: dict[str, float] = {}
-        for kind, value, judged in checks:
-            before = self._book.violations.get(kind, 0)
-            alert = self._book.check(
-                kind, value, limits[kind], t=now, step=trainer.global_step, epoch=trainer.current_epoch, judged=judged
-            )
-            if self._book.violations.get(kind, 0) > before:
-                active[kind] = value
-            if alert is not None:
-                new.append(alert)
-                self.events.emit("alert", sla=kind, value=value, threshold=limits[kind], step=alert.step)
-                self._announce(alert)
-        self._active = active
+        new, self._active = judge(
+            self._book,
+            self._figures,
+            limits,
+            t=self._clock.now(),
+            step=trainer.global_step,
+            epoch=trainer.current_epoch,
+        )
+        for alert in new:
+            self.events.emit("alert", sla=alert.kind, value=alert.value, threshold=alert.threshold, step=alert.step)
+            self._announce(alert)
         return new
 
     def _announce(self, alert: Alert) -> None:

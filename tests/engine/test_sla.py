@@ -301,7 +301,7 @@ def test_alert_book_state_round_trip_keeps_a_resumed_run_quiet() -> None:
     assert restored.violations["lag"] == 2
 
 
-@pytest.mark.parametrize("module", ["sla", "steptimer", "memory"])
+@pytest.mark.parametrize("module", ["sla", "steptimer", "memory", "figures"])
 def test_docstring_examples_run(module: str) -> None:
     import doctest
     import importlib
