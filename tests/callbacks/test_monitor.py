@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -455,3 +458,27 @@ def test_cuda_step_times_come_from_events(tmp_path: Path) -> None:
     assert f["measured_steps"] == 3 * (STEPS_PER_EPOCH - 1) - 4  # no period across epoch ends
     assert f["step_time_p50_s"] > 0
     assert math.isfinite(f["cuda_allocated_mb"])
+
+
+@pytest.mark.slow
+def test_raise_under_ddp_stops_every_rank_together(tmp_path: Path) -> None:
+    # A script, as Lightning's DDP launcher would re-launch pytest itself on rank 1.
+    script = Path(__file__).parent.parent / "scripts" / "ddp_monitor.py"
+    env = {**os.environ, "PYTHONPATH": str(script.parents[2]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert zero["world_size"] == 2
+    assert zero["raised"]["kind"] == one["raised"]["kind"] == "memory_growth"
+    assert zero["raised"] == one["raised"]  # rank 1 raises rank 0's figure: it measures nothing itself
+    assert zero["step"] == one["step"] < 8 * 16
+    assert zero["checks"] > 0
+    assert one["checks"] == 0
+    assert zero["report"] == str(tmp_path / "report.json")
+    assert one["report"] is None
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["status"] == "failed"
+    assert [a["kind"] for a in report["alerts"]] == ["memory_growth"]
+
