@@ -9,10 +9,20 @@ Sections: evaluation faults (for :class:`~lightning_evalguard.GuardedEvaluation`
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import random
+import struct
+import threading
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import Logger
 from typing_extensions import override
 
 from lightning_evalguard.engine.clock import SYSTEM_CLOCK, Clock, FakeClock
@@ -23,14 +33,22 @@ __all__: list[str] = [
     "BusyCallback",
     "CrashingEval",
     "EvalFault",
+    "FailingLogger",
     "FaultSequence",
     "FaultyValidation",
+    "FlakyLogger",
+    "FullDisk",
     "HangingEval",
+    "HangingLogger",
     "LeakingCallback",
     "RaisingEval",
     "SigtermIgnoringEval",
     "SlowHookCallback",
+    "SlowLogger",
     "StepClock",
+    "WandbRunRecords",
+    "find_wandb_runs",
+    "read_wandb_run",
 ]
 
 # ---- evaluation faults -------------------------------------------------------------------------
@@ -254,8 +272,401 @@ class FaultyValidation:
 
 
 # ---- logging faults ----------------------------------------------------------------------------
+# For BufferedLogging: loggers that fail, fail sometimes, hang or are slow, each wrapping a real
+# logger (or recording rows itself), and a spill directory on a full disk.
+
+
+class _FaultyLogger(Logger):
+    """A Lightning logger that injects a fault in ``log_metrics`` and otherwise forwards to ``logger``.
+
+    Rows that get through are recorded in :attr:`rows` (``(step, metrics)``) and passed to the wrapped
+    logger, if any; every other method and attribute is the wrapped logger's.
+    """
+
+    def __init__(self, logger: Logger | None = None) -> None:
+        super().__init__()
+        self.inner = logger
+        self.rows: list[tuple[int | None, dict[str, Any]]] = []
+        self.calls = 0  # log_metrics calls, failed or not
+        self.failures = 0
+        self._lock = threading.Lock()
+
+    def _fault(self, call: int) -> None:
+        """Raise, wait or hang for call number ``call`` (1-based)."""
+
+    @override
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        with self._lock:
+            self.calls += 1
+            call = self.calls
+        try:
+            self._fault(call)
+        except Exception:
+            with self._lock:
+                self.failures += 1
+            raise
+        with self._lock:
+            self.rows.append((step, dict(metrics)))
+        if self.inner is not None:
+            self.inner.log_metrics(dict(metrics), step)
+
+    @override
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        if self.inner is not None:
+            self.inner.log_hyperparams(params, *args, **kwargs)
+
+    @property
+    @override
+    def name(self) -> str | None:
+        return self.inner.name if self.inner is not None else type(self).__name__
+
+    @property
+    @override
+    def version(self) -> int | str | None:
+        return self.inner.version if self.inner is not None else 0
+
+    @property
+    @override
+    def save_dir(self) -> str | None:
+        return self.inner.save_dir if self.inner is not None else None
+
+    @property
+    @override
+    def log_dir(self) -> str | None:
+        return self.inner.log_dir if self.inner is not None else None
+
+    @property
+    def experiment(self) -> Any:
+        """The wrapped logger's experiment (``None`` without one)."""
+        return getattr(self.inner, "experiment", None)
+
+    @override
+    def save(self) -> None:
+        if self.inner is not None:
+            self.inner.save()
+
+    @override
+    def finalize(self, status: str) -> None:
+        if self.inner is not None:
+            self.inner.finalize(status)
+
+    def __getattr__(self, name: str) -> Any:
+        inner = self.__dict__.get("inner")
+        if name.startswith("__") or inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+
+class FailingLogger(_FaultyLogger):
+    """A logger whose ``log_metrics`` always raises ``error`` (default: ``ConnectionError``).
+
+    Example:
+        >>> logger = FailingLogger()
+        >>> logger.log_metrics({"loss": 1.0}, step=0)
+        Traceback (most recent call last):
+        ...
+        ConnectionError: injected logging failure (call 1)
+    """
+
+    def __init__(self, logger: Logger | None = None, error: type[Exception] = ConnectionError) -> None:
+        super().__init__(logger)
+        self.error = error
+
+    @override
+    def _fault(self, call: int) -> None:
+        raise self.error(f"injected logging failure (call {call})")
+
+
+class FlakyLogger(_FaultyLogger):
+    """A logger whose ``log_metrics`` raises ``ConnectionError`` on a seeded ``failure_rate`` of calls.
+
+    Args:
+        logger: the logger that receives the calls that succeed (optional).
+        failure_rate: probability in [0, 1) that a call fails.
+        seed: seed of the failure sequence (the same seed fails the same calls).
+
+    Example:
+        >>> logger = FlakyLogger(failure_rate=0.3, seed=0)
+        >>> outcomes = []
+        >>> for step in range(1000):
+        ...     try:
+        ...         logger.log_metrics({"x": 1.0}, step)
+        ...     except ConnectionError:
+        ...         pass
+        >>> 250 < logger.failures < 350, len(logger.rows) + logger.failures
+        (True, 1000)
+    """
+
+    def __init__(self, logger: Logger | None = None, failure_rate: float = 0.3, seed: int = 0) -> None:
+        if not isinstance(failure_rate, (int, float)) or not 0.0 <= failure_rate < 1.0:
+            raise ValueError(f"`failure_rate` must be in [0, 1), got {failure_rate!r}")
+        super().__init__(logger)
+        self.failure_rate = float(failure_rate)
+        self._rng = random.Random(seed)
+
+    @override
+    def _fault(self, call: int) -> None:
+        with self._lock:
+            fail = self._rng.random() < self.failure_rate
+        if fail:
+            raise ConnectionError(f"injected flaky logging failure (call {call})")
+
+
+class HangingLogger(_FaultyLogger):
+    """A logger whose ``log_metrics`` calls after the first ``hang_after`` block until :meth:`release`.
+
+    A blocked call returns (and its row goes through) once released, or after ``max_hang`` seconds so
+    that a forgotten release cannot keep a thread alive for ever. :attr:`hanging` is set when the
+    first call starts to hang, for tests to wait on.
+
+    Example:
+        >>> logger = HangingLogger(hang_after=1)
+        >>> logger.log_metrics({"x": 1.0}, step=0)  # the first call goes through
+        >>> logger.release(); logger.log_metrics({"x": 2.0}, step=1)  # released: no hang
+        >>> [step for step, _ in logger.rows]
+        [0, 1]
+    """
+
+    def __init__(self, logger: Logger | None = None, hang_after: int = 0, max_hang: float = 120.0) -> None:
+        if isinstance(hang_after, bool) or not isinstance(hang_after, int) or hang_after < 0:
+            raise ValueError(f"`hang_after` must be an int >= 0, got {hang_after!r}")
+        super().__init__(logger)
+        self.hang_after = hang_after
+        self.max_hang = float(max_hang)
+        self.hanging = threading.Event()
+        self._released = threading.Event()
+
+    @override
+    def _fault(self, call: int) -> None:
+        if call > self.hang_after and not self._released.is_set():
+            self.hanging.set()
+            self._released.wait(self.max_hang)
+
+    def release(self) -> None:
+        """Let every blocked call (and every later one) through."""
+        self._released.set()
+
+
+class SlowLogger(_FaultyLogger):
+    """A logger whose ``log_metrics`` takes ``delay`` seconds more than the wrapped logger's.
+
+    Example:
+        >>> logger = SlowLogger(delay=0.0)
+        >>> logger.log_metrics({"x": 1.0}, step=0); logger.calls
+        1
+    """
+
+    def __init__(self, logger: Logger | None = None, delay: float = 0.05, clock: Clock = SYSTEM_CLOCK) -> None:
+        if not isinstance(delay, (int, float)) or delay < 0:
+            raise ValueError(f"`delay` must be a number >= 0, got {delay!r}")
+        super().__init__(logger)
+        self.delay = float(delay)
+        self._clock = clock
+
+    @override
+    def _fault(self, call: int) -> None:
+        self._clock.sleep(self.delay)
+
+
+class FullDisk:
+    """Context manager: spill files under ``path`` behave as on a full disk (writes raise ENOSPC).
+
+    It replaces only the write function of :mod:`lightning_evalguard.engine.buffer.spill`, for files
+    under ``path``, so the rest of the process (checkpoints, W&B) is unaffected. Files already open
+    fail too, as on a disk that fills up mid-run.
+
+    Example:
+        >>> import tempfile
+        >>> from lightning_evalguard.engine.buffer import Row, SpillStore, SpillFailure
+        >>> directory = tempfile.mkdtemp()
+        >>> with FullDisk(directory):
+        ...     try:
+        ...         SpillStore(directory, max_bytes=1 << 20).append([Row(1, 0, {"x": 1.0})])
+        ...     except SpillFailure as exc:
+        ...         print(exc.reason, exc.cause.errno == errno.ENOSPC)
+        spill_failed True
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        self.failed_writes = 0
+        self._saved: Any = None
+
+    def _write(self, fh: Any, data: bytes) -> None:
+        target = os.path.abspath(os.fspath(getattr(fh, "name", "")))
+        if (target + os.sep).startswith(self.path + os.sep):
+            self.failed_writes += 1
+            raise OSError(errno.ENOSPC, "No space left on device (injected by FullDisk)")
+        self._saved(fh, data)
+
+    def __enter__(self) -> FullDisk:
+        from lightning_evalguard.engine.buffer import spill
+
+        self._saved = spill._write
+        spill._write = self._write
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from lightning_evalguard.engine.buffer import spill
+
+        spill._write = self._saved
+
 
 # ---- W&B offline run reader --------------------------------------------------------------------
+# An offline run (``wandb/offline-run-*/run-*.wandb``) is a LevelDB-style log: a 7-byte header
+# (":W&B", magic 0xBEE1, version), then 32 KiB blocks of chunks, each ``crc32 (4) | length (2) |
+# type (1) | data``; a record too long for a block is split into FIRST/MIDDLE/LAST chunks. Each
+# record is a ``wandb.proto.wandb_internal_pb2.Record``. The file is complete after
+# ``wandb.finish()``, which writes the ``exit`` record.
+
+_WANDB_IDENT = b":W&B"
+_WANDB_MAGIC = 0xBEE1
+_WANDB_BLOCK = 32 * 1024
+_CHUNK_HEADER = struct.Struct("<IHB")
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+@dataclass
+class WandbRunRecords:
+    """What an offline W&B run file holds.
+
+    Attributes:
+        path: the ``.wandb`` file read.
+        history: one dict per ``run.log`` call, in order (keys as logged; W&B adds ``_step``,
+            ``_runtime``, ``_timestamp``); values decoded from JSON (NaN and infinities included).
+        summary: the last summary values.
+        config: the run config (``log_hyperparams``), values decoded from JSON.
+        complete: True when the ``exit`` record is there (``wandb.finish()`` ran).
+        exit_code: the run's exit code, when complete.
+        record_counts: how many records of each type.
+    """
+
+    path: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    complete: bool = False
+    exit_code: int | None = None
+    record_counts: dict[str, int] = field(default_factory=dict)
+
+    def series(self, key: str, step_key: str = "trainer/global_step") -> list[tuple[Any, Any]]:
+        """``(step, value)`` for each history row holding ``key``, in order."""
+        return [(row.get(step_key), row[key]) for row in self.history if key in row]
+
+
+def find_wandb_runs(root: str | os.PathLike[str]) -> list[Path]:
+    """The ``run-*.wandb`` files of offline runs under ``root`` (recursively), oldest first."""
+    return sorted(Path(root).rglob("offline-run-*/run-*.wandb"), key=lambda p: (p.parent.name, str(p)))
+
+
+def _wandb_payloads(data: bytes, path: str) -> tuple[list[bytes], bool]:
+    """The record payloads of a W&B log, and whether it ended cleanly (no torn record)."""
+    if len(data) < 7 or data[:4] != _WANDB_IDENT:
+        raise ValueError(f"{path!r} is not a W&B run file (bad header {data[:7]!r})")
+    magic, version = struct.unpack_from("<HB", data, 4)
+    if magic != _WANDB_MAGIC or version > 1:
+        raise ValueError(f"{path!r}: unknown W&B log format (magic {magic:#x}, version {version})")
+    payloads: list[bytes] = []
+    pending: list[bytes] | None = None
+    offset = 7
+    while offset < len(data):
+        left_in_block = _WANDB_BLOCK - offset % _WANDB_BLOCK
+        if left_in_block < _CHUNK_HEADER.size:
+            offset += left_in_block  # block trailer: zero padding
+            continue
+        if offset + _CHUNK_HEADER.size > len(data):
+            return payloads, False
+        crc, length, kind = _CHUNK_HEADER.unpack_from(data, offset)
+        if kind == 0 and length == 0:  # zero padding to the end of a block
+            offset += left_in_block
+            continue
+        start = offset + _CHUNK_HEADER.size
+        chunk = data[start : start + length]
+        if len(chunk) < length:
+            return payloads, False  # torn write at the end (the run is still being written)
+        if zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != crc:
+            raise ValueError(f"{path!r}: checksum mismatch in the chunk at byte {offset}")
+        offset = start + length
+        if kind == _FULL:
+            payloads.append(chunk)
+        elif kind == _FIRST:
+            pending = [chunk]
+        elif kind == _MIDDLE and pending is not None:
+            pending.append(chunk)
+        elif kind == _LAST and pending is not None:
+            payloads.append(b"".join([*pending, chunk]))
+            pending = None
+        else:
+            raise ValueError(f"{path!r}: unexpected chunk type {kind} at byte {offset - length - 7}")
+    return payloads, pending is None
+
+
+def _item_key(item: Any) -> str:
+    return item.key or ".".join(item.nested_key)
+
+
+def _item_value(item: Any) -> Any:
+    """A history value: the typed ``value`` field of newer SDKs, else the legacy ``value_json``."""
+    kind = item.WhichOneof("value") if hasattr(item, "WhichOneof") else None
+    if kind == "none":
+        return None
+    if kind == "json":
+        return json.loads(item.json)
+    if kind is not None:
+        return getattr(item, kind)
+    return json.loads(item.value_json)
+
+
+def read_wandb_run(path: str | os.PathLike[str]) -> WandbRunRecords:
+    """Read an offline W&B run file, or the single offline run under a directory.
+
+    Args:
+        path: a ``run-*.wandb`` file, or a directory holding exactly one offline run
+            (a ``save_dir``, its ``wandb/`` folder or an ``offline-run-*`` folder).
+
+    Raises:
+        FileNotFoundError: no run file where expected.
+        ValueError: several runs under the directory, or a file that is not a valid W&B log.
+
+    Example:
+        >>> records = read_wandb_run(tmp_path)  # doctest: +SKIP
+        >>> records.complete, records.series("train/loss")[:2]  # doctest: +SKIP
+        (True, [(0, 2.31), (1, 2.28)])
+    """
+    from wandb.proto import wandb_internal_pb2  # imported here: wandb is slow to import
+
+    target = Path(path)
+    if target.is_dir():
+        runs = find_wandb_runs(target)
+        if not runs:
+            raise FileNotFoundError(f"no offline W&B run (offline-run-*/run-*.wandb) under {str(target)!r}")
+        if len(runs) > 1:
+            raise ValueError(f"{len(runs)} offline W&B runs under {str(target)!r}; pass one file: {runs}")
+        target = runs[0]
+    payloads, clean = _wandb_payloads(target.read_bytes(), str(target))
+    out = WandbRunRecords(path=str(target))
+    record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]
+    for payload in payloads:
+        record.ParseFromString(payload)
+        kind = record.WhichOneof("record_type") or "unknown"
+        out.record_counts[kind] = out.record_counts.get(kind, 0) + 1
+        if kind == "history":
+            out.history.append({_item_key(i): _item_value(i) for i in record.history.item})
+        elif kind == "summary":
+            for item in record.summary.update:
+                out.summary[_item_key(item)] = json.loads(item.value_json)
+            for item in record.summary.remove:
+                out.summary.pop(_item_key(item), None)
+        elif kind == "config":
+            for item in record.config.update:
+                out.config[_item_key(item)] = json.loads(item.value_json)
+        elif kind == "run":
+            for item in record.run.config.update:
+                out.config[_item_key(item)] = json.loads(item.value_json)
+        elif kind == "exit":
+            out.complete = clean
+            out.exit_code = int(record.exit.exit_code)
+    return out
 
 
 # ---- monitor/cleanup faults ---------------------------------------------------------------------
