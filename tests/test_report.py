@@ -73,13 +73,15 @@ def test_a_real_report_holds_config_figures_alerts_and_a_timeline(real_report: P
     assert report["timing"] == "clock"
     assert report["config"]["warmup_steps"] == 4
     assert report["figures"]["steps"] == 4 * 8
-    assert report["figures"]["eval_completed"] == 4
+    f = report["figures"]
+    assert f["eval_submitted"] + f["eval_skipped"] == 4  # one may be skipped while another runs
+    assert f["eval_completed"] == f["eval_submitted"] >= 2
     # the leak must alert; on a tiny model the real hook overhead and contention may alert too
     assert "memory_growth" in {a["kind"] for a in report["alerts"]}
     timeline = report["timeline"]
     assert sum(b["steps"] for b in timeline["steps"]) == 4 * 8
     kinds = [e["kind"] for e in timeline["events"]]
-    assert kinds.count("eval_end") == 4
+    assert kinds.count("eval_end") == f["eval_completed"]
     assert kinds.count("cleanup") >= 4
     assert "alert" in kinds
     times = [e["t"] for e in timeline["events"]]
