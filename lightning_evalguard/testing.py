@@ -720,6 +720,13 @@ class SlowHookCallback(Callback):
         delay_s: seconds each slow hook takes.
         every_n_steps: be slow at every n-th training step only.
         clock: time source (and sleeper).
+
+    Example:
+        >>> clock = FakeClock()
+        >>> slow = SlowHookCallback(0.002, clock=clock)
+        >>> slow.on_train_batch_end(None, None, None, None, 0)
+        >>> slow.stats()["hook_time_s"], clock.now()
+        (0.002, 0.002)
     """
 
     def __init__(self, delay_s: float = 0.005, *, every_n_steps: int = 1, clock: Clock = SYSTEM_CLOCK) -> None:
@@ -763,6 +770,13 @@ class BusyCallback(Callback):
         extra_s: extra seconds per step while busy.
         busy_epochs: ``"odd"``, ``"even"``, ``"all"`` or ``"none"``.
         clock: time source (and sleeper).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> busy = BusyCallback(0.005, busy_epochs="odd", clock=FakeClock())
+        >>> busy.on_train_epoch_start(SimpleNamespace(current_epoch=1, global_step=8), None)
+        >>> busy.busy()
+        True
     """
 
     def __init__(
@@ -818,6 +832,12 @@ class StepClock(Callback):
 
     Stands in for the compute of a step in tests that run a real ``Trainer.fit`` on fake time, so
     step-time figures are exact and no test waits on the wall clock.
+
+    Example:
+        >>> clock = FakeClock()
+        >>> StepClock(clock, step_s=0.01).on_train_batch_start(None, None, None, 0)
+        >>> clock.now()
+        0.01
     """
 
     def __init__(self, clock: FakeClock, step_s: float = 0.01) -> None:

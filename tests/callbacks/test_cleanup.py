@@ -348,3 +348,15 @@ def test_cuda_cache_is_released_at_epoch_ends_never_per_step() -> None:
     assert stats["cuda_peak_allocated_bytes"] > 0
     assert stats["cuda_reserved_after_bytes"] <= stats["cuda_reserved_before_bytes"]
     assert stats["cuda_allocated_after_bytes"] > 0  # the model's weights are still there
+
+
+def test_docstring_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import doctest
+
+    import lightning_evalguard.callbacks.cleanup as module
+
+    monkeypatch.chdir(tmp_path)  # the example builds a Trainer
+    tests = doctest.DocTestFinder().find(module.ResourceCleanup)
+    results = [doctest.DocTestRunner().run(t) for t in tests]
+    assert sum(r.attempted for r in results) > 0
+    assert sum(r.failed for r in results) == 0

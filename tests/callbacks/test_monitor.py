@@ -482,3 +482,28 @@ def test_raise_under_ddp_stops_every_rank_together(tmp_path: Path) -> None:
     assert report["status"] == "failed"
     assert [a["kind"] for a in report["alerts"]] == ["memory_growth"]
 
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "lightning_evalguard.callbacks.monitor:PerformanceMonitor",
+        "lightning_evalguard.report",
+        "lightning_evalguard.testing:LeakingCallback",
+        "lightning_evalguard.testing:SlowHookCallback",
+        "lightning_evalguard.testing:BusyCallback",
+        "lightning_evalguard.testing:StepClock",
+    ],
+)
+def test_docstring_examples_run(target: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import doctest
+    import importlib
+
+    module_name, _, attr = target.partition(":")
+    obj = importlib.import_module(module_name)
+    if attr:
+        obj = getattr(obj, attr)
+    monkeypatch.chdir(tmp_path)
+    results = [doctest.DocTestRunner().run(t) for t in doctest.DocTestFinder().find(obj)]
+    assert sum(r.attempted for r in results) > 0
+    assert sum(r.failed for r in results) == 0
+
