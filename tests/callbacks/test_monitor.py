@@ -507,3 +507,53 @@ def test_docstring_examples_run(target: str, tmp_path: Path, monkeypatch: pytest
     assert sum(r.attempted for r in results) > 0
     assert sum(r.failed for r in results) == 0
 
+
+# ---- all four together ---------------------------------------------------------------------------
+
+
+def test_all_four_callbacks_in_one_fit(tmp_path: Path) -> None:
+    from lightning_evalguard import BufferedLogging, GuardedEvaluation, ResourceCleanup
+    from tests.models import MemoryLogger as RowsLogger
+    from tests.models import SlowValidation, make_loader
+
+    guard = GuardedEvaluation(mode="stream", every_n_epochs=1, timeout=60.0)
+    buffered = BufferedLogging(flush_interval=0.05, spill_dir=str(tmp_path / "spill"))
+    cleanup = ResourceCleanup(every_n_epochs=1, gc_generation=1)
+    cleanup.evaluation_cleanup_min_steps = 1
+    mon = PerformanceMonitor(
+        warmup_steps=4, log_every_n_steps=4, on_violation="log", report_path=str(tmp_path / "report.json")
+    )
+    rows = RowsLogger()
+    trainer = Trainer(
+        max_epochs=4,
+        callbacks=[guard, buffered, cleanup, mon],
+        logger=rows,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(SlowValidation(delay=0.01), make_loader(128), [make_loader(32, seed=1)])
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["status"] == "completed"
+    classes = {c["class"] for c in report["callbacks"].values()}
+    assert {"GuardedEvaluation", "BufferedLogging", "ResourceCleanup"} <= classes
+    f = report["figures"]
+    # an evaluation still running at the next epoch end may make one skip (max_pending=1, "skip")
+    assert f["eval_submitted"] + f["eval_skipped"] == 4
+    assert f["eval_completed"] == f["eval_submitted"] >= 2
+    assert f["eval_latency_p95_s"] > 0
+    assert f["logging_accepted"] > 0
+    assert f["logging_accounting_gap"] == 0
+    assert f["logging_failure_rate"] == 0
+    assert f["hook_time_s"] > 0  # every callback's own hook time, summed
+    kinds = {e["kind"] for e in report["timeline"]["events"]}
+    assert {"eval_start", "eval_end", "flush", "cleanup"} <= kinds
+    assert cleanup.stats()["evaluation_cleanups"] >= 1
+    # the monitor's own figures went through BufferedLogging's proxy to the real logger
+    assert rows.rows_with("evalguard/step_time_p50_s")
+    assert rows.rows_with("evalguard/mem/host_rss_mb")  # ResourceCleanup's
+    assert rows.rows_with("val/loss")  # GuardedEvaluation's results
+    assert buffered.stats()["pending"] == 0
