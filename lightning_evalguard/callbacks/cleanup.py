@@ -29,7 +29,7 @@ def _check_bool(name: str, value: object) -> None:
 
 
 class ResourceCleanup(Callback):
-    r"""Free memory at epoch ends and after each evaluation job, and record what it freed.
+    """Free memory at epoch ends and after each evaluation job, and record what it freed.
 
     At each cleanup point it releases the evaluation buffers :class:`~lightning_evalguard.GuardedEvaluation`
     no longer needs (through its ``release_buffers()``), runs :func:`gc.collect`, and, where CUDA

@@ -60,7 +60,7 @@ def _check_int(name: str, value: object, minimum: int) -> None:
 
 
 class PerformanceMonitor(Callback):
-    r"""Measure the cost of evalguard on the training loop, check the SLAs, and write a JSON report.
+    """Measure the cost of evalguard on the training loop, check the SLAs, and write a JSON report.
 
     Every ``log_every_n_steps`` training steps and at each epoch end it measures, on global rank 0:
 
@@ -190,6 +190,7 @@ class PerformanceMonitor(Callback):
         self._active: dict[str, float] = {}
         self._memory_now = MemoryReading(0)
         self._batch_idx = 0
+        self._last_reading_step = -1
         self._rank_zero = True
 
     @property
@@ -420,6 +421,12 @@ class PerformanceMonitor(Callback):
 
     def _read_memory(self, trainer: pl.Trainer, *, epoch_end: bool) -> None:
         reading = read_memory(self._device)
+        self._memory_now = reading
+        if trainer.global_step == self._last_reading_step and not epoch_end:
+            # The check at fit end follows the last epoch end's at the same step, when Lightning has
+            # already moved current_epoch on: a second point there would sit one epoch too far.
+            return
+        self._last_reading_step = trainer.global_step
         now = self._clock.now()
         batches = trainer.num_training_batches
         epoch = float(trainer.current_epoch)
@@ -441,7 +448,6 @@ class PerformanceMonitor(Callback):
             self._host.add(t=now, epoch=epoch, value=reading.host_rss)
             if reading.cuda_allocated or len(self._cuda):
                 self._cuda.add(t=now, epoch=epoch, value=reading.cuda_allocated)
-        self._memory_now = reading
 
     def _hook_time_total(self, refresh: bool = False) -> float:
         total = self._hook_time
