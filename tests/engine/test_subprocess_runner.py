@@ -7,6 +7,8 @@ fault injectors travel by value (see ``_by_value``), so no worker imports Lightn
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import sys
 import threading
 import time
@@ -77,6 +79,21 @@ class WhenWeight:
         return weight_sum(module, dataloader)
 
 
+class IgnoreSigtermThenTell:
+    """Ignores SIGTERM, says so over a Unix socket (the test blocks on it: no polling), then hangs."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def __call__(self, module: Any, dataloader: Any) -> dict[str, float]:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(self.address)
+            sock.sendall(b"!")
+        while True:
+            time.sleep(0.01)
+
+
 class Harness:
     """An Evaluator over a SubprocessRunner on a small live module."""
 
@@ -139,8 +156,9 @@ def gone(pid: int) -> bool:
 
 
 # -- results ---------------------------------------------------------------------------------------
-def test_evaluates_the_snapshot_in_a_persistent_niced_worker(harness: Callable[..., Harness]) -> None:
-    h = harness(weight_sum)
+@pytest.mark.parametrize("copy_slots", [False, True], ids=["in-place", "copied"])
+def test_evaluates_the_snapshot_in_a_persistent_niced_worker(harness: Callable[..., Harness], copy_slots: bool) -> None:
+    h = harness(weight_sum, copy_slots=copy_slots)
     h.fill(1.0)
     assert h.submit(step=1) == "submitted"
     h.fill(5.0)  # training moves on before the (cold-starting) worker has read the slot
@@ -159,7 +177,8 @@ def test_evaluates_the_snapshot_in_a_persistent_niced_worker(harness: Callable[.
     assert stats["workers_started"] == 1
     assert stats["worker_pid"] == pid
     assert stats["worker_cold_start_s"] > 0
-    assert h.ev.pool.in_use == 0  # slots came back once the worker had loaded them
+    assert (stats["worker_load_s"] > 0) == copy_slots  # in place: no copy at all
+    assert h.ev.pool.in_use == 0  # slots came back once the worker was done with them
     h.ev.close()
     assert gone(pid)
 
@@ -343,15 +362,24 @@ def test_setup_error_in_the_worker_gives_up_at_once(harness: Callable[..., Harne
 
 
 # -- shutdown ----------------------------------------------------------------------------------------
-def test_close_kills_a_busy_worker_and_leaves_no_process_or_shared_memory(harness: Callable[..., Harness]) -> None:
+def test_close_kills_a_busy_worker_and_leaves_no_process_or_shared_memory(
+    harness: Callable[..., Harness], tmp_path: Any
+) -> None:
     shm_before = set(os.listdir("/dev/shm"))
-    h = harness(WhenWeight(HANG, faults.SigtermIgnoringEval()), timeout=600.0, spare_worker=True)
+    address = str(tmp_path / "told")
+    h = harness(WhenWeight(HANG, IgnoreSigtermThenTell(address)), timeout=600.0, spare_worker=True)
     h.fill(1.0)
     assert h.run_one(step=1).state == "ok"
     assert h.runner.wait_until(lambda s: s["spare_ready"] == 1, WAIT)
-    h.fill(HANG)
-    assert h.submit(step=2) == "submitted"
-    assert h.runner.wait_until(lambda s: s["worker_busy"] == 1, WAIT)
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(address)
+        server.listen(1)
+        server.settimeout(WAIT)
+        h.fill(HANG)
+        assert h.submit(step=2) == "submitted"
+        told, _ = server.accept()  # the worker now ignores SIGTERM, mid-evaluation
+        with told:
+            assert told.recv(1) == b"!"
     pids = h.runner.worker_pids()
     assert len(pids) == 2
     start = time.monotonic()

@@ -40,6 +40,7 @@ class WorkerPayload:
     dataloader_factory: bytes | None
     limit_batches: int | float | None
     eval_device: str
+    copy_slots: bool = False
 
     def encode(self) -> bytes:
         return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
@@ -122,6 +123,7 @@ def build_payload(
     eval_device: str,
     layout: SlotLayout,
     dataloader_factory: Callable[..., Any] | None = None,
+    copy_slots: bool = False,
 ) -> WorkerPayload:
     """Pickle what a worker needs (on the training thread, at set-up).
 
@@ -149,7 +151,9 @@ def build_payload(
         factory = _cloudpickle(
             dataloader_factory, "`dataloader_factory`", "Use an import path string or a module-level function."
         )
-    return WorkerPayload(module_bytes, placeholders, layout, loaders, fn, factory, limit_batches, eval_device)
+    return WorkerPayload(
+        module_bytes, placeholders, layout, loaders, fn, factory, limit_batches, eval_device, copy_slots
+    )
 
 
 def load_module(data: bytes, placeholders: list[Placeholder]) -> Any:

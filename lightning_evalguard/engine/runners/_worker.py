@@ -5,7 +5,7 @@ module's structure, the dataloaders, ``eval_fn``), then serves jobs until told t
 
     parent -> worker   ("run", job_id, slot_index, step, epoch) | ("stop",)
     worker -> parent   ("ready", pid) | ("start_failed", traceback_text)
-                       ("loaded", job_id, load_s)        the slot may be reused from now on
+                       ("loaded", job_id, load_s)        copied: the slot may be reused from now on
                        ("ok", job_id, Collected) | ("failed", job_id, error_bytes, traceback_text)
 
 Messages are plain pickles (never torch's shared-memory reductions). The worker runs at a lower CPU
@@ -102,38 +102,61 @@ class _State:
         payload = WorkerPayload.decode(ctypes.string_at(payload_buffer.data_ptr(), payload_size))
         self.device = torch.device(payload.eval_device)
         module = load_module(payload.module, payload.placeholders)
-        module.to(self.device)
-        module.requires_grad_(False)
-        module.eval()
-        self.module = module
-        self.state = state_tensors(module)
-        mismatch = payload.layout.matches(self.state)
+        # The actual Parameter / buffer objects (tied ones once), in state_tensors order.
+        self.objects = list(module.parameters()) + list(module.buffers())
+        mismatch = payload.layout.matches(self.objects)
         if mismatch is not None:
             raise RuntimeError(f"the module rebuilt in the worker does not match the snapshot: {mismatch}")
         self.slots = [payload.layout.views(buffer) for buffer in buffers]
         self.slot_cuda = bool(buffers) and buffers[0].is_cuda
+        # Evaluating where the slots live, the module *uses* the slot (no copy: the slot stays held
+        # until the job ends); on another device it copies the slot over and lets it go at once.
+        self.aliases = not payload.copy_slots and bool(buffers) and buffers[0].device == self.device
+        if self.aliases and self.slots:
+            self._point(0)  # drops the placeholders before anything is allocated on the device
+        module.to(self.device)
+        module.requires_grad_(False)
+        module.eval()
+        self.module = module
+        self.state = [] if self.aliases else state_tensors(module)
         loaders: list[Any] = pickle.loads(payload.dataloaders) if payload.dataloaders is not None else []
         if payload.dataloader_factory is not None:
             loaders = _as_list(pickle.loads(payload.dataloader_factory)())
         eval_fn = pickle.loads(payload.eval_fn) if payload.eval_fn is not None else None
         self.program = EvalProgram(loaders, payload.limit_batches, eval_fn)
 
-    def load(self, index: int) -> None:
-        """Copy slot ``index`` into the module (the parent already waited for its CUDA copy)."""
+    def _point(self, index: int) -> None:
+        # ``.data`` swaps the storage under each object, so tied weights stay tied.
+        for obj, view in zip(self.objects, self.slots[index], strict=True):
+            obj.data = view
+
+    def load(self, index: int) -> bool:
+        """Make the module evaluate slot ``index`` (the parent already waited for its CUDA copy).
+
+        Returns:
+            ``True`` if the slot was copied and may be reused now; ``False`` if the module reads
+            the slot itself until the job ends.
+        """
         import torch
 
         slot = self.slots[index]
-        if not slot:
-            return
+        if self.aliases:
+            self._point(index)
+            return False
         with torch.no_grad():
-            if self.state and self.state[0].device == slot[0].device:
-                torch._foreach_copy_(self.state, slot, non_blocking=True)
-            else:  # evaluation on another device than the slots (e.g. a spare GPU)
-                for dst, src in zip(self.state, slot, strict=True):
-                    dst.copy_(src, non_blocking=True)
+            for dst, src in zip(self.state, slot, strict=True):  # across devices (e.g. a spare GPU)
+                dst.copy_(src, non_blocking=True)
         if self.slot_cuda:  # pragma: no cover - GPU
             torch.cuda.synchronize(slot[0].device)
         if self.device.type == "cuda":  # pragma: no cover - GPU
+            torch.cuda.synchronize(self.device)
+        return True
+
+    def finish(self) -> None:
+        """The job's work is done: nothing may still read the slot after this returns."""
+        if self.aliases and self.device.type == "cuda":  # pragma: no cover - GPU
+            import torch
+
             torch.cuda.synchronize(self.device)
 
     def cleanup(self) -> None:
@@ -147,6 +170,9 @@ class _State:
         """Let go of the slots (CUDA IPC handles must be released before the process exits)."""
         self.slots = []
         self.state = []
+        self.objects = []
+        self.module = None
+        self.program = None  # type: ignore[assignment]
         if self.slot_cuda:  # pragma: no cover - GPU
             import torch
 
@@ -184,6 +210,11 @@ def main(conn: Any, config: dict[str, Any], buffers: list[Any], payload_buffer: 
     lower_priority(int(config.get("nice", 0)))
     _die_with_parent(int(config["parent_pid"]))
     faulthandler.enable()
+    threads = int(config.get("threads", 0))
+    if threads > 0:  # as many intra-op threads as the training process allows itself
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         state = _State(buffers, payload_buffer, payload_size)
         del buffers, payload_buffer  # the views keep what is needed
@@ -211,9 +242,10 @@ def _serve(conn: Any, state: _State) -> None:
         _, job_id, index, _step, _epoch = message
         try:
             start = time.perf_counter()
-            state.load(index)
-            _send(conn, ("loaded", job_id, time.perf_counter() - start))
+            if state.load(index):
+                _send(conn, ("loaded", job_id, time.perf_counter() - start))
             result = state.program.run(state.module)
+            state.finish()
         except BaseException as exc:  # the evaluation's own failure, whatever it is
             reply = _error_message(job_id, exc)
         else:

@@ -258,12 +258,16 @@ class SubprocessRunner(Runner):
         slots: int,
         eval_device: str | torch.device | None = None,
         dataloader_factory: Callable[[], Any] | None = None,
+        copy_slots: bool = False,
         **kwargs: Any,
     ) -> SubprocessRunner:
         """A runner evaluating copies of ``module`` with ``program``, on ``slots`` shared slots.
 
         Slots live on the module's device (CUDA IPC buffers on a GPU, else CPU shared memory);
-        ``eval_device`` (default: the module's device) is where the worker evaluates.
+        ``eval_device`` (default: the module's device) is where the worker evaluates. There, the
+        worker's module evaluates the slot in place (no copy; the slot is held until the job
+        ends), unless ``copy_slots`` is set or the devices differ: then it copies the slot into
+        its own weights and hands the slot back at once.
 
         Raises:
             TypeError: the module, the dataloaders, ``eval_fn`` or ``dataloader_factory`` cannot be
@@ -285,6 +289,7 @@ class SubprocessRunner(Runner):
             eval_device=str(torch.device(eval_device)),
             layout=layout,
             dataloader_factory=dataloader_factory,
+            copy_slots=copy_slots,
         )
         return cls(payload, SharedSlots(layout, slots, slot_device), **kwargs)
 
@@ -530,7 +535,12 @@ class SubprocessRunner(Runner):
         generation = next(self._generations)
         try:
             parent_conn, child_conn = self._mp.Pipe(duplex=True)
-            config = {"parent_pid": os.getpid(), "nice": self._nice, "generation": generation}
+            config = {
+                "parent_pid": os.getpid(),
+                "nice": self._nice,
+                "generation": generation,
+                "threads": torch.get_num_threads(),
+            }
             process = self._mp.Process(
                 target=_worker.main,
                 args=(child_conn, config, self.slots.buffers, self._payload, self._payload_size),
