@@ -1,6 +1,6 @@
 """Run by tests/callbacks/test_monitor.py: PerformanceMonitor(on_violation="raise") under real DDP.
 
-Gloo backend, 2 CPU processes, a leak on every rank. Rank 0 measures and decides; the decision is
+Gloo backend, 2 CPU processes, a leak on every rank, fake time. Rank 0 measures and decides; the decision is
 broadcast at the check, so both ranks must raise SLAViolation together: if only rank 0 raised, rank
 1 would wait for ever in the next gradient all-reduce (faulthandler ends the run after 60 s).
 Each rank writes OUT_DIR/rank{N}.json.
@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from lightning_evalguard import PerformanceMonitor, SLAViolation
-from lightning_evalguard.testing import LeakingCallback
+from lightning_evalguard.engine.clock import FakeClock
+from lightning_evalguard.testing import LeakingCallback, StepClock
 
 
 class Tiny(LightningModule):
@@ -39,15 +40,20 @@ class Tiny(LightningModule):
 def main(out_dir: str) -> None:
     faulthandler.dump_traceback_later(60, exit=True)
     seed_everything(0)
+    clock = FakeClock()  # fake time: no figure but the leak can cross its threshold
     monitor = PerformanceMonitor(
-        warmup_steps=4, log_every_n_steps=4, on_violation="raise", report_path=os.path.join(out_dir, "report.json")
+        warmup_steps=4,
+        log_every_n_steps=4,
+        on_violation="raise",
+        report_path=os.path.join(out_dir, "report.json"),
+        clock=clock,
     )
     trainer = Trainer(
         strategy="ddp",
         accelerator="cpu",
         devices=2,
         max_epochs=8,
-        callbacks=[LeakingCallback(bytes_per_step=1 << 20), monitor],
+        callbacks=[StepClock(clock, 0.01), LeakingCallback(bytes_per_step=1 << 20), monitor],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
