@@ -234,6 +234,8 @@ class GuardedEvaluation(Callback):
             )
             out.update(dict.fromkeys(("last_latency_s", "latency_p50_s", "latency_p95_s",
                                       "watchdog_lag_p95_s", "watchdog_lag_max_s"), 0.0))
+            if self.mode == "subprocess":  # the worker's figures, before any worker exists
+                out.update(respawns=0, worker_pid=0, worker_cold_start_s=0.0, snapshot_copy_s=0.0)
             for name, value in self._restored.get("evaluator", {}).get("counts", {}).items():
                 out[name] = value
         out.update(delivered=self.delivered, hook_time_s=self._hooks.seconds, hook_calls=self._hooks.calls)

@@ -246,6 +246,12 @@ def test_bad_subprocess_arguments_are_refused(kwargs: dict[str, Any], error: typ
         GuardedEvaluation(**kwargs)
 
 
+def test_stats_have_the_worker_figures_before_fit() -> None:
+    stats = GuardedEvaluation(mode="subprocess").stats()
+    assert {"respawns", "worker_pid", "worker_cold_start_s", "snapshot_copy_s"} <= set(stats)
+    assert stats["worker_pid"] == 0
+
+
 def test_eval_device_on_a_machine_without_cuda_fails_at_setup() -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

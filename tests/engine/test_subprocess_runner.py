@@ -50,6 +50,11 @@ def weight_sum(module: Any, dataloader: Any) -> dict[str, float]:
     return {"w": float(module.weight.sum()), "pid": float(os.getpid())}
 
 
+def slow_weight_sum(module: Any, dataloader: Any) -> dict[str, float]:
+    time.sleep(0.3)  # long enough for the next snapshot to land in another slot
+    return weight_sum(module, dataloader)
+
+
 class Stamped:
     """Writes ``time.monotonic()`` (system-wide on Linux) to ``path``, then fires ``fault``."""
 
@@ -97,15 +102,25 @@ class IgnoreSigtermThenTell:
 class Harness:
     """An Evaluator over a SubprocessRunner on a small live module."""
 
-    def __init__(self, eval_fn: Any, *, timeout: float, dataloaders: list[Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        eval_fn: Any,
+        *,
+        timeout: float,
+        dataloaders: list[Any] | None = None,
+        device: str = "cpu",
+        max_pending: int = 1,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("spare_worker", False)
         kwargs.setdefault("kill_grace", 1.0)
-        self.module = torch.nn.Linear(4, 2)
+        self.module = torch.nn.Linear(4, 2).to(device)
         program = EvalProgram(dataloaders or [], None, eval_fn)
-        self.runner = SubprocessRunner.for_module(self.module, program, slots=2, **kwargs)
+        self.runner = SubprocessRunner.for_module(self.module, program, slots=max_pending + 1, **kwargs)
         self.ev = Evaluator(
             self.runner,
-            SnapshotPool(self.runner.slot_factory, size=2),
+            SnapshotPool(self.runner.slot_factory, size=max_pending + 1),
+            max_pending=max_pending,
             timeout=timeout,
             failure_threshold=100,
             watchdog_tick=0.02,
@@ -158,7 +173,7 @@ def gone(pid: int) -> bool:
 # -- results ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("copy_slots", [False, True], ids=["in-place", "copied"])
 def test_evaluates_the_snapshot_in_a_persistent_niced_worker(harness: Callable[..., Harness], copy_slots: bool) -> None:
-    h = harness(weight_sum, copy_slots=copy_slots)
+    h = harness(slow_weight_sum, copy_slots=copy_slots, max_pending=2)
     h.fill(1.0)
     assert h.submit(step=1) == "submitted"
     h.fill(5.0)  # training moves on before the (cold-starting) worker has read the slot
@@ -172,6 +187,13 @@ def test_evaluates_the_snapshot_in_a_persistent_niced_worker(harness: Callable[.
     second = h.run_one(step=2)
     assert second.state == "ok", second.error
     assert second.result.values == {"w": 40.0, "pid": float(pid)}  # same worker, new weights
+
+    h.fill(2.0)
+    assert h.submit(step=3) == "submitted"
+    h.fill(3.0)
+    assert h.submit(step=4) == "submitted"  # while step 3 holds a slot: another slot
+    assert [job.result.values["w"] for job in h.outcomes()] == [16.0, 24.0]
+    assert h.ev.stats()["snapshot_slots"] >= 2
     stats = h.ev.stats()
     assert stats["respawns"] == 0
     assert stats["workers_started"] == 1
@@ -202,6 +224,36 @@ def test_dataloaders_travel_once_or_are_built_in_the_worker(harness: Callable[..
         job = h.run_one(step=1)
         assert job.state == "ok", job.error
         assert job.result.values["out"] == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("eval_device", ["cuda:0", "cpu"], ids=["ipc-in-place", "ipc-copied-to-cpu"])
+def test_cuda_slots_travel_by_ipc(harness: Callable[..., Harness], eval_device: str) -> None:
+    h = harness(weight_sum, device="cuda:0", eval_device=eval_device)
+    assert all(b.is_cuda for b in h.runner.slots.buffers)  # CUDA IPC buffers, not host memory
+    h.fill(1.0)
+    assert h.submit(step=1) == "submitted"
+    h.fill(5.0)  # the copy stream ordered the snapshot before this write
+    (job,) = h.outcomes()
+    assert job.state == "ok", job.error
+    assert job.result.values["w"] == 8.0
+    assert h.run_one(step=2).result.values["w"] == 40.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"kill_grace": -1.0}, r"`kill_grace` must be a finite number >= 0, got -1\.0"),
+        ({"start_timeout": 0}, r"`start_timeout` must be a finite number > 0, got 0"),
+        ({"poll_interval": float("nan")}, r"`poll_interval` must be a finite number > 0, got nan"),
+        ({"max_respawns": -2}, r"`max_respawns` must be an int >= 0, got -2"),
+        ({"spare_worker": 1}, r"`spare_worker` must be a bool, got 1"),
+    ],
+)
+def test_bad_runner_arguments_are_refused(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SubprocessRunner.for_module(torch.nn.Linear(2, 1), EvalProgram([], eval_fn=weight_sum), slots=2, **kwargs)
 
 
 def test_unpicklable_dataloader_or_module_is_refused_at_setup() -> None:

@@ -55,7 +55,6 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.util
 import os
-import pickle
 import signal
 import threading
 import time
@@ -68,80 +67,29 @@ from lightning_evalguard.engine.jobs import Job
 from lightning_evalguard.engine.program import EvalProgram
 from lightning_evalguard.engine.runners import _worker
 from lightning_evalguard.engine.runners._payload import WorkerPayload, build_payload, check_materialized
+from lightning_evalguard.engine.runners._process import WorkerProcess, describe_exit, remote_error
 from lightning_evalguard.engine.runners.base import Runner
 from lightning_evalguard.engine.shm import SharedSlots, SlotHandle, SlotLayout, check_shm_space
 from lightning_evalguard.engine.snapshot import Slot, state_tensors
 from lightning_evalguard.errors import EvalFailed, EvalTimeout, WorkerCrashed
 
-__all__ = ["SubprocessRunner", "describe_exit"]
+__all__ = ["SubprocessRunner"]
 
 log = logging.getLogger(__name__)
 
 
-def describe_exit(exitcode: int | None) -> str:
-    """``"exit code 3"`` or ``"exit code -11 (SIGSEGV)"``."""
-    if exitcode is not None and exitcode < 0:
-        try:
-            return f"exit code {exitcode} ({signal.Signals(-exitcode).name})"
-        except ValueError:
-            pass
-    return f"exit code {exitcode}"
+def _check_seconds(name: str, value: Any, *, positive: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (positive and value == 0):
+        raise ValueError(f"`{name}` must be a finite number {'>' if positive else '>='} 0, got {value!r}")
 
 
-class _RemoteTraceback(Exception):
-    """Carries the worker's traceback text as the ``__cause__`` of a re-raised exception."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
-
-    def __str__(self) -> str:
-        return "\n" + self.text.rstrip()
-
-
-class _Worker:
-    """One worker process and what it is doing. Mutable fields are guarded by the runner's lock.
-
-    ``state``: starting -> ready <-> busy; any -> doomed (signalled, being killed) -> dead (reaped).
-    """
-
-    __slots__ = (
-        "cold_start_s",
-        "conn",
-        "eof",
-        "generation",
-        "job",
-        "launched_at",
-        "pid",
-        "pidfd",
-        "process",
-        "slot",
-        "start_error",
-        "state",
-    )
-
-    def __init__(self, generation: int, process: Any, conn: Any, launched_at: float) -> None:
-        self.generation = generation
-        self.process = process
-        self.conn = conn
-        self.pid: int = process.pid or 0
-        self.launched_at = launched_at
-        self.state = "starting"
-        self.eof = False
-        self.job: Job | None = None
-        self.slot: Slot | None = None  # held until the worker says "loaded" or is dead
-        self.start_error: str | None = None
-        self.cold_start_s = 0.0
-        self.pidfd: int | None = None
-        if hasattr(os, "pidfd_open"):  # signals through a pidfd cannot hit a recycled pid
-            with contextlib.suppress(OSError):
-                self.pidfd = os.pidfd_open(self.pid)
-
-    def send(self, message: tuple[Any, ...]) -> None:
-        self.conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
-
-    def __repr__(self) -> str:
-        return f"_Worker(generation={self.generation}, pid={self.pid}, state={self.state!r})"
+def _device(device: str | torch.device) -> torch.device:
+    """``device`` with its index filled in for CUDA (``"cuda"`` means the current device)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 class SubprocessRunner(Runner):
@@ -186,18 +134,11 @@ class SubprocessRunner(Runner):
         name: str = "evalguard-eval",
     ) -> None:
         super().__init__()
-        for pname, value, minimum in (
-            ("kill_grace", kill_grace, 0.0),
-            ("start_timeout", start_timeout, 0.0),
-            ("respawn_backoff", respawn_backoff, 0.0),
-            ("max_backoff", max_backoff, 0.0),
-            ("poll_interval", poll_interval, 0.0),
-        ):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"`{pname}` must be a finite number, got {value!r}")
-            if value < minimum or (pname in ("start_timeout", "poll_interval") and value == 0):
-                raise ValueError(f"`{pname}` must be {'>' if pname in ('start_timeout', 'poll_interval') else '>='} "
-                                 f"{minimum}, got {value!r}")
+        _check_seconds("kill_grace", kill_grace)
+        _check_seconds("respawn_backoff", respawn_backoff)
+        _check_seconds("max_backoff", max_backoff)
+        _check_seconds("start_timeout", start_timeout, positive=True)
+        _check_seconds("poll_interval", poll_interval, positive=True)
         if isinstance(max_respawns, bool) or not isinstance(max_respawns, int) or max_respawns < 0:
             raise ValueError(f"`max_respawns` must be an int >= 0, got {max_respawns!r}")
         if not isinstance(spare_worker, bool):
@@ -221,9 +162,9 @@ class SubprocessRunner(Runner):
 
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified on every worker state change
-        self._workers: list[_Worker] = []
-        self._active: _Worker | None = None
-        self._spare: _Worker | None = None
+        self._workers: list[WorkerProcess] = []
+        self._active: WorkerProcess | None = None
+        self._spare: WorkerProcess | None = None
         self._job: Job | None = None
         self._busy = False
         self._thread: threading.Thread | None = None
@@ -278,15 +219,14 @@ class SubprocessRunner(Runner):
         check_materialized(module)
         tensors = state_tensors(module)
         slot_device = tensors[0].device if tensors and tensors[0].is_cuda else torch.device("cpu")
-        if eval_device is None:
-            eval_device = tensors[0].device if tensors else torch.device("cpu")
+        eval_device = _device(eval_device if eval_device is not None else tensors[0].device if tensors else "cpu")
         layout = SlotLayout.of(tensors)
         payload = build_payload(
             module,
             dataloaders=program.dataloaders,
             eval_fn=program.eval_fn,
             limit_batches=program.limit_batches,
-            eval_device=str(torch.device(eval_device)),
+            eval_device=str(eval_device),
             layout=layout,
             dataloader_factory=dataloader_factory,
             copy_slots=copy_slots,
@@ -431,7 +371,7 @@ class SubprocessRunner(Runner):
             wake = self._wake_r
         waitables: list[Any] = [wake] if wake >= 0 else []
         for w in workers:
-            waitables.append(w.process.sentinel)
+            waitables.append(w.sentinel)
             if not w.eof:
                 waitables.append(w.conn)
         ready = multiprocessing.connection.wait(waitables, timeout)
@@ -443,19 +383,12 @@ class SubprocessRunner(Runner):
             if not w.eof and w.conn in ready:
                 self._drain(w)
 
-    def _drain(self, w: _Worker) -> None:
+    def _drain(self, w: WorkerProcess) -> None:
         """Handle every message the worker has sent so far."""
-        while not w.eof:
-            try:
-                if not w.conn.poll():
-                    return
-                message = pickle.loads(w.conn.recv_bytes())
-            except (EOFError, OSError):
-                w.eof = True
-                return
+        for message in w.messages():
             self._on_message(w, message)
 
-    def _on_message(self, w: _Worker, message: tuple[Any, ...]) -> None:
+    def _on_message(self, w: WorkerProcess, message: tuple[Any, ...]) -> None:
         ctx = self.ctx
         assert ctx is not None
         kind = message[0]
@@ -483,7 +416,7 @@ class SubprocessRunner(Runner):
         elif kind in ("ok", "failed"):
             self._on_result(w, message)
 
-    def _on_result(self, w: _Worker, message: tuple[Any, ...]) -> None:
+    def _on_result(self, w: WorkerProcess, message: tuple[Any, ...]) -> None:
         ctx = self.ctx
         assert ctx is not None
         with self._lock:
@@ -500,27 +433,13 @@ class SubprocessRunner(Runner):
                 with self._lock:
                     self._consecutive_losses = 0
         else:
-            ctx.finish(job, "failed", None, self._remote_error(message[2], message[3]))
+            ctx.finish(job, "failed", None, remote_error(message[2], message[3]))
         if slot is not None:
             self._release(job, slot)
         with self._lock:
             if self._job is job:
                 self._job = None
                 self._busy = False
-
-    @staticmethod
-    def _remote_error(data: bytes | None, text: str) -> BaseException:
-        exc: Any = None
-        if data is not None:
-            try:
-                exc = pickle.loads(data)
-            except Exception:
-                exc = None
-        if not isinstance(exc, BaseException):
-            return EvalFailed(f"evaluation failed in the worker process:\n{text.rstrip()}")
-        exc.__cause__ = _RemoteTraceback(text)
-        exc.__traceback__ = None
-        return exc
 
     def _release(self, job: Job | None, slot: Slot) -> None:
         assert self.ctx is not None
@@ -529,33 +448,29 @@ class SubprocessRunner(Runner):
             job.slot = None  # the pool is then the slot's only owner: its region frees with it
 
     # -- workers ---------------------------------------------------------------------------------
-    def _launch(self) -> _Worker | None:
+    def _launch(self) -> WorkerProcess | None:
         ctx = self.ctx
         assert ctx is not None
         generation = next(self._generations)
+        config = {
+            "parent_pid": os.getpid(),
+            "nice": self._nice,
+            "generation": generation,
+            "threads": torch.get_num_threads(),
+        }
         try:
-            parent_conn, child_conn = self._mp.Pipe(duplex=True)
-            config = {
-                "parent_pid": os.getpid(),
-                "nice": self._nice,
-                "generation": generation,
-                "threads": torch.get_num_threads(),
-            }
-            process = self._mp.Process(
-                target=_worker.main,
-                args=(child_conn, config, self.slots.buffers, self._payload, self._payload_size),
+            w = WorkerProcess.launch(
+                self._mp,
+                generation=generation,
+                launched_at=self._now(),
+                nice=self._nice,
                 name=f"{self.thread_name}-worker-{generation}",
-                daemon=False,  # a daemonic process may not start DataLoader workers
+                args=(config, self.slots.buffers, self._payload, self._payload_size),
             )
-            launched_at = self._now()
-            process.start()
-            child_conn.close()
         except Exception as exc:
             log.exception("evalguard could not start an evaluation worker")
             self._lost(None, f"could not start a worker process ({exc!r})")
             return None
-        w = _Worker(generation, process, parent_conn, launched_at)
-        _worker.lower_priority(self._nice, w.pid)  # now: the imports run niced too
         with self._lock:
             self._workers.append(w)
             self.workers_started += 1
@@ -569,7 +484,7 @@ class SubprocessRunner(Runner):
                 return
             if self._spare is not None:
                 self._active, self._spare = self._spare, None
-                promoted: _Worker | None = self._active
+                promoted: WorkerProcess | None = self._active
                 self._changed.notify_all()
             else:
                 promoted = None
@@ -641,18 +556,18 @@ class SubprocessRunner(Runner):
 
     def _reap(self) -> None:
         with self._lock:
-            dead = [w for w in self._workers if not w.process.is_alive()]
+            dead = [w for w in self._workers if not w.alive()]
         for w in dead:
             self._on_exit(w)
 
-    def _on_exit(self, w: _Worker) -> None:
+    def _on_exit(self, w: WorkerProcess) -> None:
         """A worker process has ended (and is reaped): account for it."""
         ctx = self.ctx
         assert ctx is not None
         if w.state == "dead":
             return
         self._drain(w)  # a result sent just before dying still counts
-        exitcode = w.process.exitcode
+        exitcode = w.exitcode
         with self._lock:
             if w in self._workers:
                 self._workers.remove(w)
@@ -677,7 +592,7 @@ class SubprocessRunner(Runner):
             if job is not None and self._job is job:
                 self._job = None
                 self._busy = False
-        self._dispose(w)
+        w.dispose()
         ctx.events.emit("worker_exit", pid=w.pid, generation=w.generation, exitcode=exitcode, expected=expected)
         if expected:
             return
@@ -700,7 +615,7 @@ class SubprocessRunner(Runner):
             reason = f"evaluation worker (pid {w.pid}) died with {what} while idle"
         self._lost(w, reason)
 
-    def _lost(self, w: _Worker | None, reason: str) -> None:
+    def _lost(self, w: WorkerProcess | None, reason: str) -> None:
         """Count a lost worker; schedule its replacement (backed off) or decide to give up."""
         with self._lock:
             self.losses += 1
@@ -734,7 +649,7 @@ class SubprocessRunner(Runner):
         for w in workers:  # nothing will run on them again
             self._stop(w)
 
-    def _stop(self, w: _Worker) -> None:
+    def _stop(self, w: WorkerProcess) -> None:
         """Ask an idle worker to exit; signal a busy or starting one."""
         with self._lock:
             state = w.state
@@ -747,21 +662,12 @@ class SubprocessRunner(Runner):
         if state != "dead":
             self._signal(w, signal.SIGTERM)
 
-    def _signal(self, w: _Worker, sig: int) -> bool:
-        """Send ``sig`` unless the process has been reaped; ``True`` if it was sent."""
+    def _signal(self, w: WorkerProcess, sig: int) -> bool:
+        """Send ``sig`` unless the process has been reaped (reaping happens under the same lock)."""
         with self._lock:
-            if w.state == "dead" or w.process.exitcode is not None:
-                return False
-            try:
-                if w.pidfd is not None:
-                    signal.pidfd_send_signal(w.pidfd, sig)
-                else:
-                    os.kill(w.pid, sig)
-            except (ProcessLookupError, OSError):
-                return False
-            return True
+            return w.signal(sig)
 
-    def _doom(self, w: _Worker, reason: str) -> None:
+    def _doom(self, w: WorkerProcess, reason: str) -> None:
         """Write a worker off: drop it from its role, ``SIGTERM`` now, ``SIGKILL`` after ``kill_grace``."""
         ctx = self.ctx
         assert ctx is not None
@@ -782,13 +688,13 @@ class SubprocessRunner(Runner):
         ctx.events.emit("worker_doomed", pid=w.pid, generation=w.generation, reason=reason)
         self._lost(w, f"evaluation worker (pid {w.pid}) {reason}")
 
-    def _kill(self, w: _Worker) -> None:
+    def _kill(self, w: WorkerProcess) -> None:
         if self._signal(w, signal.SIGKILL):
             with self._lock:
                 self.workers_killed += 1
             self._wake()
 
-    def _on_deadline(self, w: _Worker, job: Job) -> None:
+    def _on_deadline(self, w: WorkerProcess, job: Job) -> None:
         """Watchdog action at a job's deadline (watchdog thread)."""
         ctx = self.ctx
         assert ctx is not None
@@ -798,16 +704,6 @@ class SubprocessRunner(Runner):
             return  # it finished just in time
         self._doom(w, f"timed out after {ctx.timeout:g}s evaluating step {job.step}")
         self._wake()
-
-    def _dispose(self, w: _Worker) -> None:
-        with contextlib.suppress(OSError):
-            w.conn.close()
-        if w.pidfd is not None:
-            with contextlib.suppress(OSError):
-                os.close(w.pidfd)
-            w.pidfd = None
-        with contextlib.suppress(ValueError):
-            w.process.close()
 
     # -- shutdown ----------------------------------------------------------------------------------
     def _shutdown_workers(self, timeout: float) -> None:
@@ -827,18 +723,17 @@ class SubprocessRunner(Runner):
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
-                alive = [w for w in self._workers if w.process.is_alive()]
+                alive = [w for w in self._workers if w.alive()]
             remaining = deadline - time.monotonic()
             if not alive or remaining <= 0:
                 break
-            multiprocessing.connection.wait([w.process.sentinel for w in alive], min(remaining, 0.1))
+            multiprocessing.connection.wait([w.sentinel for w in alive], min(remaining, 0.1))
         for w in alive:
             if self._signal(w, signal.SIGKILL):
                 with self._lock:
                     self.workers_killed += 1
-        for w in list(workers):
-            with contextlib.suppress(ValueError):
-                w.process.join(5.0)
+        for w in workers:
+            w.join(5.0)
             self._on_exit(w)
         with self._lock:
             self._busy = False
@@ -850,5 +745,4 @@ class SubprocessRunner(Runner):
             workers = list(self._workers)
         for w in workers:
             self._signal(w, signal.SIGKILL)
-            with contextlib.suppress(ValueError, AssertionError):
-                w.process.join(5.0)
+            w.join(5.0)
