@@ -37,6 +37,7 @@ Example (driven by hand with a fake clock, as the tests do; in use :meth:`start`
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -335,6 +336,10 @@ class Flusher:
                     self.breaker.record_failure()
             if delivered:
                 still_mine = self.buffer.resolve(item, DELIVERED, gen)
+                # Let the training thread have the GIL between two sends: a batch of W&B calls is
+                # milliseconds of Python, and the training thread would otherwise wait for the
+                # interpreter's switch interval each time it comes back from a kernel.
+                time.sleep(0)
             elif isinstance(item, Row):
                 still_mine = self._spill_items([item], gen)
             else:
