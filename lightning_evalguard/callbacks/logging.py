@@ -137,6 +137,7 @@ class BufferedLogging(Callback):
         self._latencies: list[float] = []  # flush latencies of closed pipelines (last few hundred)
         self._saved_breakers: dict[str, Any] = {}
         self._last_breaker_state = STATE_CODES["closed"]  # reported once the loggers are closed
+        self._stats_step = -1
         self._trainer: pl.Trainer | None = None
         self._atexit_registered = False
 
@@ -206,7 +207,9 @@ class BufferedLogging(Callback):
             for proxy in self._proxies:
                 proxy.pipeline.poll()
             step = trainer.global_step
-            if self.stats_every_n_steps and step % self.stats_every_n_steps == 0 and step > 0:
+            due = self.stats_every_n_steps and step % self.stats_every_n_steps == 0 and step > 0
+            if due and step != self._stats_step:  # once per step, also with gradient accumulation
+                self._stats_step = step
                 self._log_stats(step)
         except Exception as exc:
             self._internal_error(exc)
