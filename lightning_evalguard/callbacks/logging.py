@@ -240,10 +240,13 @@ class BufferedLogging(Callback):
             if not proxies:
                 return
             trainer = trainer or self._trainer
-            if self.stats_every_n_steps and trainer is not None:
+            step = getattr(trainer, "global_step", None)
+            if self.stats_every_n_steps and step is not None:
                 self._proxies = proxies  # so the final figures reach the loggers too
                 try:
-                    self._log_stats(trainer.global_step)
+                    self._log_stats(step)
+                except Exception as exc:
+                    self._internal_error(exc)
                 finally:
                     self._proxies = []
             self._last_breaker_state = STATE_CODES["closed"]

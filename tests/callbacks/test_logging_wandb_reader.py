@@ -4,7 +4,6 @@ across 32 KiB blocks, typed values, a torn tail and a corrupted byte."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from lightning_evalguard.testing import find_wandb_runs, read_wandb_run
 
 
 @pytest.fixture(scope="module")
-def run_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def run_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import wandb
 
     root = tmp_path_factory.mktemp("wandb_reader")
