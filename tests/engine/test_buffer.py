@@ -150,6 +150,24 @@ def test_drop_newest_and_drop_oldest_keep_the_bound() -> None:
         assert_identity(s)
 
 
+def test_calls_count_against_the_bound() -> None:
+    image = bytearray(10_000)  # stands for an image array handed to log_image
+    size = row_bytes({"x": 0.0})
+    newest = MetricBuffer(3 * size, "drop_newest")
+    oldest = MetricBuffer(3 * size + 12_000, "drop_oldest")
+    for buf in (newest, oldest):
+        buf.put_row({"x": 0.0}, 0)
+        buf.put_row({"x": 1.0}, 1)
+    assert not newest.put_call("log_image", ("img", [image]), {})
+    assert oldest.put_call("log_image", ("img", [image]), {})
+    assert oldest.put_call("log_image", ("img", [image]), {})  # evicts the first call and the rows
+    s_new, s_old = newest.snapshot(), oldest.snapshot()
+    assert (s_new["calls_dropped"], s_new["queued_items"]) == (1, 2)
+    assert (s_old["calls_dropped"], s_old["dropped_oldest"], s_old["queued_items"]) == (1, 2, 1)
+    assert s_old["buffer_bytes"] <= 3 * size + 12_000
+    assert_identity(s_old)
+
+
 def test_spill_when_full_sends_the_oldest_rows_to_disk(tmp_path: Path) -> None:
     pipe, sink = make(tmp_path, max_buffer_mb=3 * row_bytes({"x": 0.0}) / 2**20, when_full="spill")
     for step in range(6):

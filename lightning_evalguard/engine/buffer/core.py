@@ -199,15 +199,22 @@ class MetricBuffer:
                 self.wake_requested = True
                 self.cond.notify_all()
 
-    def put_call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Append a non-metric call; it runs on the flusher after everything queued before it."""
+    def put_call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Append a non-metric call; it runs on the flusher after everything queued before it.
+        Calls count against ``max_bytes`` too (an image is big); a call that cannot be made room
+        for is dropped (calls cannot be spilled). Returns whether it was queued."""
+        call = Call(0, name, args, kwargs)
         with self._lock:
             self._seq += 1
-            call = Call(self._seq, name, args, kwargs)
+            call.seq = self._seq
             self.calls_accepted += 1
+            full = self.bytes + call.nbytes > self.max_bytes and (self._queue or self._inflight)
+            if full and not self._make_room(call):
+                return False
             self._queue.append(call)
             self.bytes += call.nbytes
             self.peak_bytes = max(self.peak_bytes, self.bytes)
+            return True
 
     def count_invalid(self, n: int) -> None:
         """``n`` values that were not numbers: accepted and dropped at once."""
@@ -215,31 +222,29 @@ class MetricBuffer:
             self.accepted += n
             self.dropped["invalid"] += n
 
-    def _make_room(self, row: Row) -> bool:
-        """Called with the lock held when ``row`` does not fit. True if ``row`` should be queued."""
+    def _make_room(self, item: Row | Call) -> bool:
+        """Called with the lock held when ``item`` does not fit. True if it should be queued."""
         policy = self.when_full
         if policy == "drop_newest":
-            self._drop_locked(row, "newest")
+            self._drop_locked(item, "newest")
             return False
         if policy == "block":
-            return self._wait_for_room(row)
+            return self._wait_for_room(item)
         evicted: list[Row] = []
-        while self._queue and self.bytes + row.nbytes > self.max_bytes:
+        while self._queue and self.bytes + item.nbytes > self.max_bytes:
             old = self._queue.popleft()
             self.bytes -= old.nbytes
-            if isinstance(old, Call):
-                self.calls_dropped += 1
-            elif policy == "drop_oldest":
-                self._drop_locked(old, "oldest")
-            else:
+            if isinstance(old, Row) and policy == "spill":
                 evicted.append(old)
-        fits = self.bytes + row.nbytes <= self.max_bytes or not self._inflight
-        if not fits:
-            # Only rows in flight are left: they cannot be taken back, so the new row gives way.
-            if policy == "drop_oldest":
-                self._drop_locked(row, "newest")
             else:
-                evicted.append(row)
+                self._drop_locked(old, "oldest")
+        fits = self.bytes + item.nbytes <= self.max_bytes or not self._inflight
+        if not fits:
+            # Only items in flight are left: they cannot be taken back, so the new one gives way.
+            if isinstance(item, Row) and policy == "spill":
+                evicted.append(item)
+            else:
+                self._drop_locked(item, "newest")
         if evicted:
             self._spill_evicted(evicted)
         return fits
@@ -260,15 +265,15 @@ class MetricBuffer:
         else:
             self.dropped[reason] += n
 
-    def _wait_for_room(self, row: Row) -> bool:
+    def _wait_for_room(self, item: Row | Call) -> bool:
         deadline = self._clock.now() + self._block_timeout
         self._blocked += 1
         self.wake_requested = True
         self.cond.notify_all()
         try:
-            while self.bytes + row.nbytes > self.max_bytes and (self._queue or self._inflight):
+            while self.bytes + item.nbytes > self.max_bytes and (self._queue or self._inflight):
                 if self.closed or self._clock.now() >= deadline:
-                    self._drop_locked(row, "newest")
+                    self._drop_locked(item, "newest")
                     return False
                 self.cond.wait(0.01)
                 if self._on_wait is not None:
@@ -281,8 +286,12 @@ class MetricBuffer:
         finally:
             self._blocked -= 1
 
-    def _drop_locked(self, row: Row, reason: str) -> None:
-        n = len(row.values)
+    def _drop_locked(self, item: Row | Call, reason: str) -> None:
+        """Drop an item no longer (or never) queued: a row's values under ``reason``, or a call."""
+        if isinstance(item, Call):
+            self.calls_dropped += 1
+            return
+        n = len(item.values)
         self.pending -= n
         self.dropped[reason] += n
 
