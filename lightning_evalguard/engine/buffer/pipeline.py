@@ -227,7 +227,7 @@ class LogPipeline:
     def call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Queue a non-metric logger call, ordered with the rows."""
         if not self.buffer.put_call(name, args, kwargs):
-            self.warn("call_dropped", f"BufferedLogging: logger call {name!r} dropped: it does not fit in max_buffer_mb")
+            self.warn("call_dropped", f"BufferedLogging: logger call {name!r} dropped: no room in max_buffer_mb")
 
     def poll(self) -> None:
         """The watchdog, run from the training thread's hooks: abandons a call stuck in the logger."""
