@@ -46,47 +46,56 @@ def started_at(module: Any, dataloader: Any) -> dict[str, float]:
     return {"t": time.monotonic()}
 
 
-def bare_copy(model: torch.nn.Module, repeats: int) -> list[float]:
-    from lightning_evalguard.engine.snapshot import state_tensors
+class BareCopy:
+    """The floor: ``_foreach_copy_`` into preallocated in-process buffers."""
 
-    src = state_tensors(model)
-    dst = [torch.empty_like(t) for t in src]
-    torch._foreach_copy_(dst, src)  # warm-up: fault the pages in
-    times = []
-    for _ in range(repeats):
+    def __init__(self, model: torch.nn.Module) -> None:
+        from lightning_evalguard.engine.snapshot import state_tensors
+
+        self.src = state_tensors(model)
+        self.dst = [torch.empty_like(t) for t in self.src]
+        torch._foreach_copy_(self.dst, self.src)  # fault the pages in
+
+    def once(self) -> dict[str, float]:
         start = time.perf_counter()
-        torch._foreach_copy_(dst, src)
-        times.append(time.perf_counter() - start)
-    return times
+        torch._foreach_copy_(self.dst, self.src)
+        return {"copy": time.perf_counter() - start}
+
+    def close(self) -> None:
+        pass
 
 
-def slot_pool(model: torch.nn.Module, repeats: int, copy_slots: bool = False) -> dict[str, list[float]]:
-    from lightning_evalguard.engine.evaluator import Evaluator
-    from lightning_evalguard.engine.program import EvalProgram
-    from lightning_evalguard.engine.runners.subprocess import SubprocessRunner
-    from lightning_evalguard.engine.snapshot import SnapshotPool, state_tensors
+class SlotPool:
+    """GuardedEvaluation's path: Evaluator + SubprocessRunner, one evaluation per call."""
 
-    runner = SubprocessRunner.for_module(
-        model, EvalProgram([], eval_fn=started_at), slots=2, spare_worker=False, copy_slots=copy_slots
-    )
-    ev = Evaluator(runner, SnapshotPool(runner.slot_factory, size=2), timeout=600.0)
-    out: dict[str, list[float]] = {"capture": [], "load": [], "end_to_end": []}
-    try:
-        for i in range(repeats + 1):  # the first one pays the worker's cold start: not counted
-            start = time.monotonic()
-            assert ev.request(step=i, epoch=0, sources=state_tensors(model)) == "submitted"
-            capture = ev.pool.last_copy_s
-            assert ev.wait_idle(600.0)
-            (job,) = ev.drain()
-            assert job.state == "ok", job.error
-            if i:
-                out["capture"].append(capture)
-                out["load"].append(runner.last_load_s)
-                out["end_to_end"].append(job.result.values["t"] - start)
-        out["cold_start"] = [runner.last_cold_start_s]
-    finally:
-        ev.close()
-    return out
+    def __init__(self, model: torch.nn.Module, copy_slots: bool) -> None:
+        from lightning_evalguard.engine.evaluator import Evaluator
+        from lightning_evalguard.engine.program import EvalProgram
+        from lightning_evalguard.engine.runners.subprocess import SubprocessRunner
+        from lightning_evalguard.engine.snapshot import SnapshotPool
+
+        self.model = model
+        self.runner = SubprocessRunner.for_module(
+            model, EvalProgram([], eval_fn=started_at), slots=2, spare_worker=False, copy_slots=copy_slots
+        )
+        self.ev = Evaluator(self.runner, SnapshotPool(self.runner.slot_factory, size=2), timeout=600.0)
+        self.step = 0
+        self.once()  # the worker's cold start
+
+    def once(self) -> dict[str, float]:
+        from lightning_evalguard.engine.snapshot import state_tensors
+
+        self.step += 1
+        start = time.monotonic()
+        assert self.ev.request(step=self.step, epoch=0, sources=state_tensors(self.model)) == "submitted"
+        capture = self.ev.pool.last_copy_s
+        assert self.ev.wait_idle(600.0)
+        (job,) = self.ev.drain()
+        assert job.state == "ok", job.error
+        return {"capture": capture, "load": self.runner.last_load_s, "end_to_end": job.result.values["t"] - start}
+
+    def close(self) -> None:
+        self.ev.close()
 
 
 def _pickle_worker(conn: Any, queue: Any, model: torch.nn.Module) -> None:
@@ -98,28 +107,30 @@ def _pickle_worker(conn: Any, queue: Any, model: torch.nn.Module) -> None:
         conn.send(time.monotonic())
 
 
-def pickle_queue(model: torch.nn.Module, repeats: int) -> dict[str, list[float]]:
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    parent, child = ctx.Pipe()
-    process = ctx.Process(target=_pickle_worker, args=(child, queue, model), daemon=True)
-    process.start()
-    out: dict[str, list[float]] = {"sender": [], "end_to_end": []}
-    try:
-        for i in range(repeats + 1):  # the first one waits for the process to start: not counted
-            start = time.monotonic()
-            queue.put(pickle.dumps(model.state_dict(), protocol=pickle.HIGHEST_PROTOCOL))
-            sent = time.monotonic()
-            done = parent.recv()
-            if i:
-                out["sender"].append(sent - start)
-                out["end_to_end"].append(done - start)
-    finally:
-        queue.put(None)
-        process.join(30)
-        queue.close()
-        queue.join_thread()
-    return out
+class PickleQueue:
+    """The plain multiprocessing design: pickle the state_dict, put it on a queue, load it there."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.model = model
+        self.queue = ctx.Queue()
+        self.parent, child = ctx.Pipe()
+        self.process = ctx.Process(target=_pickle_worker, args=(child, self.queue, model), daemon=True)
+        self.process.start()
+        self.once()  # the process start
+
+    def once(self) -> dict[str, float]:
+        start = time.monotonic()
+        self.queue.put(pickle.dumps(self.model.state_dict(), protocol=pickle.HIGHEST_PROTOCOL))
+        sent = time.monotonic()
+        done = self.parent.recv()
+        return {"sender": sent - start, "end_to_end": done - start}
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.process.join(30)
+        self.queue.close()
+        self.queue.join_thread()
 
 
 def main() -> None:
@@ -133,10 +144,23 @@ def main() -> None:
     mb = n * 4 / 2**20
     med = statistics.median
 
-    bare = med(bare_copy(model, args.repeats))
-    pool = slot_pool(model, args.repeats)
-    copied = slot_pool(model, args.repeats, copy_slots=True)
-    pick = pickle_queue(model, args.repeats)
+    paths: dict[str, Any] = {}
+    try:
+        paths["bare"] = BareCopy(model)
+        paths["pool"] = SlotPool(model, copy_slots=False)
+        paths["copied"] = SlotPool(model, copy_slots=True)
+        paths["pickle"] = PickleQueue(model)
+        samples: dict[str, dict[str, list[float]]] = {name: {} for name in paths}
+        for _ in range(args.repeats):  # interleaved: drift on a shared machine hits every path alike
+            for name, path in paths.items():
+                for key, value in path.once().items():
+                    samples[name].setdefault(key, []).append(value)
+        cold_start = paths["pool"].runner.last_cold_start_s
+    finally:
+        for path in paths.values():
+            path.close()
+    bare = med(samples["bare"]["copy"])
+    pool, copied, pick = samples["pool"], samples["copied"], samples["pickle"]
 
     print(f"snapshot_transfer: {n / 1e6:.1f}M float32 parameters ({mb:.0f} MB), median of {args.repeats}, "
           f"torch threads={torch.get_num_threads()}, cpus={os.cpu_count()}")
@@ -153,7 +177,7 @@ def main() -> None:
     for name, seconds, _ in rows:
         print(f"{name:<40}{seconds:>10.4f}{mb / 1024 / seconds:>8.2f}{seconds / bare:>8.2f}x")
     e2e, cap = med(pool["end_to_end"]), med(pool["capture"])
-    print(f"worker cold start (once per worker generation): {pool['cold_start'][0]:.2f}s")
+    print(f"worker cold start (once per worker generation): {cold_start:.2f}s")
     print(f"training-thread cost: pool capture = {cap / bare:.2f}x bare copy (target <= 2x); "
           f"pickling costs the sender {med(pick['sender']) / cap:.0f}x the pool's capture")
     print(f"end to end: pool = {e2e / bare:.2f}x bare copy; pickling is {med(pick['end_to_end']) / e2e:.0f}x "

@@ -5,6 +5,11 @@ fresh duplex pipe (one per worker generation: a pipe whose reader was killed mid
 Signals go through a Linux pidfd when there is one, so a signal can never reach a recycled pid.
 Its mutable fields (``state``, ``job``, ``slot``) belong to the runner and are guarded by its lock.
 
+A worker does not re-import the training script's main module, as ``spawn`` children normally
+do: cloudpickle ships whatever the worker needs from ``__main__`` by value, and a script without
+an ``if __name__ == "__main__":`` guard would otherwise run its whole training again inside the
+worker. See :func:`spawning_without_main`.
+
 Also here: how a worker's exit code reads (:func:`describe_exit`) and how an exception raised in
 the worker comes back (:func:`remote_error`).
 """
@@ -12,10 +17,12 @@ the worker comes back (:func:`remote_error`).
 from __future__ import annotations
 
 import contextlib
+import multiprocessing.spawn
 import os
 import pickle
 import signal
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from lightning_evalguard.engine.jobs import Job
@@ -23,7 +30,44 @@ from lightning_evalguard.engine.runners import _worker
 from lightning_evalguard.engine.snapshot import Slot
 from lightning_evalguard.errors import EvalFailed
 
-__all__ = ["RemoteTraceback", "WorkerProcess", "describe_exit", "remote_error"]
+__all__ = ["RemoteTraceback", "WorkerProcess", "describe_exit", "remote_error", "spawning_without_main"]
+
+_MAIN_KEYS = ("init_main_from_name", "init_main_from_path")
+_spawning = threading.local()
+_install_lock = threading.Lock()
+
+
+class _PreparationWithoutMain:
+    """Wraps ``multiprocessing.spawn.get_preparation_data``: unchanged, except on a thread inside
+    :func:`spawning_without_main`, where the child is told not to import the main module."""
+
+    def __init__(self, wrapped: Callable[[str], dict[str, Any]]) -> None:
+        self.wrapped = wrapped
+
+    def __call__(self, name: str) -> dict[str, Any]:
+        data = self.wrapped(name)
+        if getattr(_spawning, "without_main", False):
+            for key in _MAIN_KEYS:
+                data.pop(key, None)
+        return data
+
+
+@contextlib.contextmanager
+def spawning_without_main() -> Iterator[None]:
+    """Processes this thread starts with ``spawn`` meanwhile do not import ``__main__``.
+
+    ``multiprocessing`` offers no switch for it, so its ``get_preparation_data`` is wrapped once
+    (a pass-through for every other caller and thread).
+    """
+    with _install_lock:
+        current = multiprocessing.spawn.get_preparation_data
+        if not isinstance(current, _PreparationWithoutMain):
+            multiprocessing.spawn.get_preparation_data = _PreparationWithoutMain(current)
+    _spawning.without_main = True
+    try:
+        yield
+    finally:
+        _spawning.without_main = False
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -111,7 +155,8 @@ class WorkerProcess:
     def launch(
         cls, context: Any, *, generation: int, launched_at: float, nice: int, name: str, args: tuple[Any, ...]
     ) -> WorkerProcess:
-        """Start a worker running :func:`._worker.main` over a fresh pipe, at lower priority.
+        """Start a worker running :func:`._worker.main` over a fresh pipe; with ``nice`` > 0, at that
+        nice value from the start (its imports included).
 
         ``args`` follow the pipe end in ``main``'s signature; they are pickled now, while the
         process is being spawned, so shared-memory file descriptors travel with the spawn.
@@ -124,14 +169,15 @@ class WorkerProcess:
                 name=name,
                 daemon=False,  # a daemonic process may not start DataLoader workers
             )
-            process.start()
+            with spawning_without_main():
+                process.start()
         except BaseException:
             parent_conn.close()
             raise
         finally:
             child_conn.close()
         worker = cls(process, parent_conn, generation, launched_at)
-        _worker.lower_priority(nice, worker.pid)  # now, so the imports run niced too
+        _worker.lower_priority(nice, worker.pid)
         return worker
 
     # -- talking -------------------------------------------------------------------------------

@@ -8,10 +8,11 @@ module's structure, the dataloaders, ``eval_fn``), then serves jobs until told t
                        ("loaded", job_id, load_s)        copied: the slot may be reused from now on
                        ("ok", job_id, Collected) | ("failed", job_id, error_bytes, traceback_text)
 
-Messages are plain pickles (never torch's shared-memory reductions). The worker runs at a lower CPU
-priority, ignores ``SIGINT`` (the parent owns shutdown: Ctrl-C in a terminal reaches the whole
-process group), dies with its parent (Linux ``PR_SET_PDEATHSIG``), prints a C-level traceback on a
-fatal signal (:mod:`faulthandler`), and collects garbage after every job.
+Messages are plain pickles (never torch's shared-memory reductions). The worker evaluates at a lower
+CPU priority (every thread renice'd once it is set up), ignores ``SIGINT`` (the parent owns
+shutdown: Ctrl-C in a terminal reaches the whole process group), dies with its parent (Linux
+``PR_SET_PDEATHSIG``), prints a C-level traceback on a fatal signal (:mod:`faulthandler`), and
+collects garbage after every job.
 
 Test hook: when ``EVALGUARD_WORKER_RLIMIT_AS_MB`` is set in the environment of the training process,
 each worker caps its address space (``RLIMIT_AS``) at that many MB above its size once set up, so a
@@ -52,17 +53,24 @@ def nice_target(niceness: int) -> int:
 
 
 def lower_priority(target: int, pid: int = 0) -> None:
-    """Set the nice value of ``pid`` (0: this process) to ``target`` unless it is already lower priority.
+    """Set the nice value of every thread of ``pid`` (0: this process) to ``target``, unless lower.
 
-    Best effort: a process that is gone, or a system that refuses, is left as it is.
+    Linux keeps a nice value per thread and a new thread inherits its creator's: threads started
+    before this call (torch's pools, a DataLoader's) are renice'd one by one. Best effort: a process
+    that is gone, or a system that refuses, is left as it is.
     """
     if target <= 0 or not hasattr(os, "setpriority"):
         return
     try:
-        if os.getpriority(os.PRIO_PROCESS, pid) < target:
-            os.setpriority(os.PRIO_PROCESS, pid, target)
-    except OSError:
-        pass
+        tids = [int(t) for t in os.listdir(f"/proc/{pid or os.getpid()}/task")]
+    except OSError:  # no /proc: the process as a whole
+        tids = [pid]
+    for tid in tids:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < target:
+                os.setpriority(os.PRIO_PROCESS, tid, target)
+        except OSError:
+            pass
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -207,7 +215,6 @@ def _error_message(job_id: int, exc: BaseException) -> tuple[Any, ...]:
 def main(conn: Any, config: dict[str, Any], buffers: list[Any], payload_buffer: Any, payload_size: int) -> None:
     """Worker entry point (run by ``multiprocessing`` with the ``spawn`` start method)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    lower_priority(int(config.get("nice", 0)))
     _die_with_parent(int(config["parent_pid"]))
     faulthandler.enable()
     threads = int(config.get("threads", 0))
@@ -219,16 +226,28 @@ def main(conn: Any, config: dict[str, Any], buffers: list[Any], payload_buffer: 
         state = _State(buffers, payload_buffer, payload_size)
         del buffers, payload_buffer  # the views keep what is needed
         _limit_address_space()
+        # Evaluations run at a lower priority than training. A spare was niced at launch; a worker
+        # that an evaluation is waiting for set up at full speed.
+        lower_priority(int(config.get("nice", 0)))
     except BaseException as exc:
         _send(conn, ("start_failed", "".join(traceback.format_exception(exc))))
         conn.close()
         sys.exit(1)
     _send(conn, ("ready", os.getpid()))
+    code = 0
     try:
         _serve(conn, state)
+    except BaseException:  # the pipe broke mid-reply: the parent is gone or gave up on us
+        traceback.print_exc()
+        code = 1
     finally:
         state.close()
         conn.close()
+    # Skip the interpreter's teardown of torch and Lightning (most of a second): the slots and the
+    # CUDA IPC handles are released above, and nothing else here needs an orderly exit.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _serve(conn: Any, state: _State) -> None:

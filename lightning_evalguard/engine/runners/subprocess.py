@@ -180,6 +180,7 @@ class SubprocessRunner(Runner):
         self._give_up_reason: str | None = None
         self._gave_up = False
         self._consecutive_losses = 0
+        self._spare_urgent = False
         self._next_launch_at = -math.inf
         self.respawns = 0
         self.losses = 0
@@ -448,7 +449,9 @@ class SubprocessRunner(Runner):
             job.slot = None  # the pool is then the slot's only owner: its region frees with it
 
     # -- workers ---------------------------------------------------------------------------------
-    def _launch(self) -> WorkerProcess | None:
+    def _launch(self, spare: bool) -> WorkerProcess | None:
+        """Start a worker. Nobody waits for a spare: it sets up niced. An evaluation may be
+        waiting for any other worker: it sets up at full priority, and lowers it when ready."""
         ctx = self.ctx
         assert ctx is not None
         generation = next(self._generations)
@@ -463,7 +466,7 @@ class SubprocessRunner(Runner):
                 self._mp,
                 generation=generation,
                 launched_at=self._now(),
-                nice=self._nice,
+                nice=self._nice if spare else 0,
                 name=f"{self.thread_name}-worker-{generation}",
                 args=(config, self.slots.buffers, self._payload, self._payload_size),
             )
@@ -493,21 +496,30 @@ class SubprocessRunner(Runner):
             self.ctx.events.emit("worker_promoted", pid=promoted.pid, generation=promoted.generation)
             return
         if now >= self._next_launch_at:
-            w = self._launch()
+            w = self._launch(spare=False)
             with self._lock:
                 if w is not None and self._active is None:
                     self._active = w
                     self._changed.notify_all()
 
     def _ensure_spare(self, now: float) -> None:
+        """Start the spare at the first quiet moment (the active worker up and idle, nothing
+        queued: its cold start then slows no evaluation), or at once after a loss (losses come
+        in runs)."""
+        assert self.ctx is not None
         if not self.spare_worker or now < self._next_launch_at:
             return
+        queued = len(self.ctx.queue)
         with self._lock:
-            # One cold start at a time: the spare waits until the active worker is up.
-            if self._spare is not None or self._active is None or self._active.state == "starting":
+            active = self._active
+            if self._spare is not None or active is None or active.state == "starting":
+                return  # one cold start at a time
+            quiet = active.state == "ready" and queued == 0
+            if not (quiet or self._spare_urgent):
                 return
-        w = self._launch()
+        w = self._launch(spare=True)
         with self._lock:
+            self._spare_urgent = False
             if w is not None and self._spare is None:
                 self._spare = w
                 self._changed.notify_all()
@@ -630,6 +642,7 @@ class SubprocessRunner(Runner):
                 return
             self.respawns += 1
             self._consecutive_losses += 1
+            self._spare_urgent = True
             k = self._consecutive_losses
             delay = 0.0 if k <= 1 else min(self.max_backoff, self.respawn_backoff * 2 ** (k - 2))
             self._next_launch_at = max(self._next_launch_at, self._now() + delay)
