@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import warnings
 from typing import Any
@@ -107,6 +110,50 @@ def test_results_equal_lightnings_own_validation_for_a_main_module_class() -> No
     assert gone(pid)
     assert shm() == shm_before
     assert evalguard_threads() == []
+
+
+GUARDLESS_SCRIPT = textwrap.dedent("""
+    # A training script as people write them: no `if __name__ == "__main__":` guard.
+    import torch
+    from lightning.pytorch import LightningModule, Trainer
+    from torch.utils.data import DataLoader, TensorDataset
+    from lightning_evalguard import GuardedEvaluation
+
+    print("TRAINING STARTS", flush=True)
+
+    class Net(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).pow(2).mean()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/out", self.layer(batch[0]).mean())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    data = DataLoader(TensorDataset(torch.randn(32, 4)), batch_size=8)
+    guard = GuardedEvaluation(mode="subprocess", timeout=120.0, max_pending=2, spare_worker=False)
+    trainer = Trainer(max_epochs=2, callbacks=[guard], logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(Net(), data, data)
+    print("COMPLETED", guard.stats()["completed"], flush=True)
+""")
+
+
+def test_a_script_without_main_guard_is_not_run_again_by_the_worker(tmp_path: Any) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(GUARDLESS_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=240,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("TRAINING STARTS") == 1  # the worker did not re-import the script
+    assert "COMPLETED 2" in done.stdout  # and it evaluated the script's __main__ class
 
 
 class FaultyClassifier(FaultyValidation, Classifier):
