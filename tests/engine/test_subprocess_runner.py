@@ -163,6 +163,19 @@ def harness() -> Iterator[Callable[..., Harness]]:
         h.ev.close(timeout=5.0)
 
 
+def dispatcher_cpu_s(runner: SubprocessRunner, window_s: float) -> float:
+    """CPU seconds the runner's dispatcher thread burns over ``window_s`` of wall time."""
+    native = runner._thread.native_id  # type: ignore[union-attr]
+
+    def cpu() -> float:
+        (t,) = [t for t in psutil.Process().threads() if t.id == native]
+        return t.user_time + t.system_time
+
+    before = cpu()
+    time.sleep(window_s)  # the measurement window itself, not a wait for an event
+    return cpu() - before
+
+
 def gone(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -201,6 +214,7 @@ def test_evaluates_the_snapshot_in_a_persistent_niced_worker(harness: Callable[.
     assert stats["worker_cold_start_s"] > 0
     assert (stats["worker_load_s"] > 0) == copy_slots  # in place: no copy at all
     assert h.ev.pool.in_use == 0  # slots came back once the worker was done with them
+    assert dispatcher_cpu_s(h.runner, window_s=0.5) < 0.05  # idle means idle: no busy loop
     h.ev.close()
     assert gone(pid)
 

@@ -359,11 +359,14 @@ class SubprocessRunner(Runner):
             self._dispatch()
 
     def _next_wait(self) -> float:
+        """How long the dispatcher may sleep when nothing wakes it: a poll period while a worker
+        starts, runs or dies; until a backed-off launch is due; else a second (a safety net)."""
         with self._lock:
             if any(w.state != "ready" for w in self._workers):
                 return self.poll_interval
-        if self._demand and not self._gave_up:
-            return max(0.0, min(1.0, self._next_launch_at - self._now()))
+        until_launch = self._next_launch_at - self._now()
+        if self._demand and not self._gave_up and until_launch > 0:
+            return min(1.0, until_launch)
         return 1.0
 
     def _wait(self, timeout: float) -> None:
