@@ -191,6 +191,8 @@ class PerformanceMonitor(Callback):
         self._memory_now = MemoryReading(0)
         self._batch_idx = 0
         self._last_reading_step = -1
+        self._memory_started = False
+        self._epoch_ends_since_warm = 0
         self._rank_zero = True
 
     @property
@@ -444,10 +446,26 @@ class PerformanceMonitor(Callback):
             cuda_allocated_mb=reading.cuda_allocated / MB,
             cuda_reserved_mb=reading.cuda_reserved / MB,
         )
-        if self._warm_t is not None:
+        if self._memory_settled(epoch_end):
             self._host.add(t=now, epoch=epoch, value=reading.host_rss)
             if reading.cuda_allocated or len(self._cuda):
                 self._cuda.add(t=now, epoch=epoch, value=reading.cuda_allocated)
+
+    def _memory_settled(self, epoch_end: bool) -> bool:
+        """Whether memory readings may count towards growth: after the warm-up and, with
+        GuardedEvaluation, after its first job has ended (that job allocates its snapshot slot and
+        shadow module once, which is not growth). If no job has been submitted two epoch ends
+        after the warm-up, evaluation is rare and readings start anyway."""
+        if self._memory_started or self._warm_t is None:
+            return self._memory_started
+        stats = [self._peer_stats.get(id(p), {}) for p in self._eval_peers]
+        finished = sum(s.get(k, 0.0) for s in stats for k in ("completed", "failed", "timed_out", "cancelled"))
+        submitted = sum(s.get("submitted", 0.0) for s in stats)
+        self._epoch_ends_since_warm += int(epoch_end)
+        self._memory_started = (
+            not self._eval_peers or finished > 0 or (submitted == 0 and self._epoch_ends_since_warm >= 2)
+        )
+        return self._memory_started
 
     def _hook_time_total(self, refresh: bool = False) -> float:
         total = self._hook_time
