@@ -44,9 +44,13 @@ class ResourceCleanup(Callback):
     the cleanup then runs, at most once per :attr:`evaluation_cleanup_min_steps` steps (a later
     job's cleanup is deferred, not lost).
 
-    A full collection (``gc_generation=2``) walks every live object; with torch and Lightning loaded
-    that is 0.1 s or so. It is negligible once per real epoch; for very short epochs use
-    ``gc_generation=1`` or ``every_n_epochs > 1``.
+    A full collection (``gc_generation=2``) walks every live object; with torch, Lightning and wandb
+    loaded that is about 400,000 objects and 0.16 s here, holding the GIL. With
+    ``freeze_startup_objects`` (the default) the objects alive when training starts (imported
+    libraries, the module, datasets) are moved to the interpreter's permanent generation with
+    :func:`gc.freeze`, so each cleanup walks only what training created: the same full collection
+    then takes well under a millisecond. Garbage cycles among those start-up objects are collected
+    once they are unfrozen at the end of ``fit``.
 
     Args:
         every_n_epochs: clean up at the end of every n-th training epoch; 0 for never at epoch ends.
@@ -56,6 +60,9 @@ class ResourceCleanup(Callback):
         reset_peak_memory: restart CUDA peak-memory statistics, so each period's peak is its own.
         after_evaluation: also clean up after each GuardedEvaluation job ends (ok, failed, timed
             out or cancelled).
+        freeze_startup_objects: at train start, :func:`gc.freeze` what is alive, so later
+            collections skip it; unfrozen at the end of ``fit`` (only if nothing else had frozen
+            objects before).
 
     Raises:
         ValueError: ``every_n_epochs`` below 0 or ``gc_generation`` not 0, 1 or 2.
@@ -83,6 +90,7 @@ class ResourceCleanup(Callback):
         empty_cuda_cache: bool = True,
         reset_peak_memory: bool = True,
         after_evaluation: bool = True,
+        freeze_startup_objects: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int):
@@ -98,6 +106,7 @@ class ResourceCleanup(Callback):
             ("empty_cuda_cache", empty_cuda_cache),
             ("reset_peak_memory", reset_peak_memory),
             ("after_evaluation", after_evaluation),
+            ("freeze_startup_objects", freeze_startup_objects),
         ):
             _check_bool(name, flag)
         self.every_n_epochs = every_n_epochs
@@ -106,6 +115,8 @@ class ResourceCleanup(Callback):
         self.empty_cuda_cache = empty_cuda_cache
         self.reset_peak_memory = reset_peak_memory
         self.after_evaluation = after_evaluation
+        self.freeze_startup_objects = freeze_startup_objects
+        self._froze = False
         self._state_key = self._generate_state_key(every_n_epochs=every_n_epochs, after_evaluation=after_evaluation)
         self._clock: Clock = SYSTEM_CLOCK
         self.events = EventLog("cleanup", clock=self._clock)
@@ -128,6 +139,7 @@ class ResourceCleanup(Callback):
                 "total_duration_s",
                 "eval_buffers_freed_total_bytes",
                 "release_errors",
+                "gc_frozen_objects",
                 "hook_time_s",
                 "hook_calls",
             ),
@@ -304,6 +316,18 @@ class ResourceCleanup(Callback):
         self._add_hook_time(start)
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not (self.freeze_startup_objects and self.gc_collect) or self._froze:
+            return
+        start = self._clock.now()
+        # Only take freezing back at the end if nobody else froze objects before us. No collection
+        # first: it would hold the GIL ~0.2 s; garbage frozen now is collected after the unfreeze.
+        self._froze = gc.get_freeze_count() == 0
+        gc.freeze()
+        self._counters["gc_frozen_objects"] = gc.get_freeze_count()
+        self._add_hook_time(start)
+
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -354,6 +378,9 @@ class ResourceCleanup(Callback):
         # Holding the peers past fit would keep their buffers (and the trainer) alive.
         self._peers = []
         self._pending = False
+        if self._froze:
+            self._froze = False
+            gc.unfreeze()
 
     def _add_hook_time(self, start: float) -> None:
         self._counters["hook_time_s"] += self._clock.now() - start
@@ -374,5 +401,6 @@ class ResourceCleanup(Callback):
         return (
             f"{type(self).__name__}(every_n_epochs={self.every_n_epochs}, gc_collect={self.gc_collect}, "
             f"gc_generation={self.gc_generation}, empty_cuda_cache={self.empty_cuda_cache}, "
-            f"reset_peak_memory={self.reset_peak_memory}, after_evaluation={self.after_evaluation})"
+            f"reset_peak_memory={self.reset_peak_memory}, after_evaluation={self.after_evaluation}, "
+            f"freeze_startup_objects={self.freeze_startup_objects})"
         )

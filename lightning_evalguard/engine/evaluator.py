@@ -168,6 +168,10 @@ class Evaluator:
         self.runner.submitted()
         return "submitted"
 
+    def has_outcomes(self) -> bool:
+        """Whether :meth:`drain` would return something (lock-free: a hint for the hot path)."""
+        return bool(self._outbox)
+
     def drain(self) -> list[Job]:
         """Jobs that reached an outcome since the last call, in the order they did."""
         out = []

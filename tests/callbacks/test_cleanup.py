@@ -111,6 +111,7 @@ def gc_off() -> Iterator[None]:
         ({"empty_cuda_cache": "yes"}, TypeError, r"`empty_cuda_cache` must be a bool, got 'yes'"),
         ({"reset_peak_memory": None}, TypeError, r"`reset_peak_memory` must be a bool, got None"),
         ({"after_evaluation": 0}, TypeError, r"`after_evaluation` must be a bool, got 0"),
+        ({"freeze_startup_objects": 1}, TypeError, r"`freeze_startup_objects` must be a bool, got 1"),
     ],
 )
 def test_bad_arguments_are_refused_at_construction(kwargs: dict[str, Any], error: type, match: str) -> None:
@@ -187,6 +188,32 @@ def test_gc_collects_cycles_at_the_cleanup(gc_off: None) -> None:
     assert len(cycles.refs) == 100
     assert all(ref() is None for ref in cycles.refs)
     assert cleanup.stats()["gc_collected_total"] >= 100
+
+
+class FreezeProbe(Callback):
+    def __init__(self) -> None:
+        self.frozen: list[int] = []
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.frozen.append(gc.get_freeze_count())
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_startup_objects_are_frozen_for_the_fit_and_unfrozen_after(freeze: bool, gc_off: None) -> None:
+    assert gc.get_freeze_count() == 0
+    probe, cycles = FreezeProbe(), MakeCycles()
+    cleanup = ResourceCleanup(every_n_epochs=1, freeze_startup_objects=freeze)
+    fit([cycles, cleanup, probe], epochs=2)
+    if freeze:
+        # torch's and Lightning's objects, the module, the data: skipped by every later collection...
+        assert min(probe.frozen) > 10_000
+        # (frozen objects that die by reference counting leave the count)
+        assert cleanup.stats()["gc_frozen_objects"] >= probe.frozen[0]
+    else:
+        assert probe.frozen == [0, 0]
+    # ...while what training made is still collected, and nothing stays frozen after fit.
+    assert all(ref() is None for ref in cycles.refs)
+    assert gc.get_freeze_count() == 0
 
 
 def test_without_gc_collect_cycles_survive(gc_off: None) -> None:
