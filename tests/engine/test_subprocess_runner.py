@@ -206,7 +206,8 @@ def test_evaluates_the_snapshot_in_a_persistent_niced_worker(harness: Callable[.
     h.fill(3.0)
     assert h.submit(step=4) == "submitted"  # while step 3 holds a slot: another slot
     assert [job.result.values["w"] for job in h.outcomes()] == [16.0, 24.0]
-    assert h.ev.stats()["snapshot_slots"] >= 2
+    if not copy_slots:  # (a copied slot may be handed back before the next snapshot)
+        assert h.ev.stats()["snapshot_slots"] == 2
     stats = h.ev.stats()
     assert stats["respawns"] == 0
     assert stats["workers_started"] == 1
@@ -298,7 +299,9 @@ HANG = 7.0  # the weight value that makes WhenWeight fire
 
 def test_hang_is_killed_and_the_spare_takes_the_next_job_at_once(harness: Callable[..., Harness]) -> None:
     timeout, grace = 1.0, 2.0
-    h = harness(WhenWeight(HANG, faults.HangingEval()), timeout=timeout, kill_grace=grace, spare_worker=True)
+    h = harness(
+        WhenWeight(HANG, faults.HangingEval()), timeout=timeout, kill_grace=grace, spare_worker=True, niceness=0
+    )
     h.fill(1.0)
     assert h.run_one(step=1).state == "ok"
     assert h.runner.wait_until(lambda s: s["spare_ready"] == 1, WAIT), "the spare never got ready"
@@ -327,17 +330,28 @@ def test_hang_is_killed_and_the_spare_takes_the_next_job_at_once(harness: Callab
     assert gone(first_pid)
 
 
-def test_sigterm_ignoring_eval_is_killed_after_kill_grace(harness: Callable[..., Harness]) -> None:
-    timeout, grace = 1.0, 1.0
-    h = harness(WhenWeight(HANG, faults.SigtermIgnoringEval()), timeout=timeout, kill_grace=grace)
-    h.fill(HANG)
-    hung = h.run_one(step=1)
+def test_sigterm_ignoring_eval_is_killed_after_kill_grace(harness: Callable[..., Harness], tmp_path: Any) -> None:
+    timeout, grace = 2.0, 1.0
+    address = str(tmp_path / "told")
+    h = harness(WhenWeight(HANG, IgnoreSigtermThenTell(address)), timeout=timeout, kill_grace=grace, niceness=0)
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(address)
+        server.listen(1)
+        server.settimeout(WAIT)
+        h.fill(HANG)
+        assert h.submit(step=1) == "submitted"
+        told, _ = server.accept()
+        told.close()
+        told_at = time.monotonic()
+    (hung,) = h.outcomes()
     assert hung.state == "timeout"
+    assert told_at < hung.started_at + timeout, "the worker was not even ignoring SIGTERM by the deadline"
     pid = int(h.events("eval_start")[0]["worker_pid"])
     h.fill(1.0)
     after = h.run_one(step=2)  # a fresh worker (no spare), over fresh pipes
     assert after.state == "ok", after.error
     assert int(after.result.values["pid"]) != pid
+    assert h.runner.wait_until(lambda s: s["workers_alive"] == 1, WAIT)  # the killed one is reaped
     exit_event = h.exit_of(pid)
     assert exit_event["exitcode"] == -9  # SIGTERM was ignored: SIGKILL
     lived = exit_event["t"] - hung.started_at
@@ -353,7 +367,7 @@ def test_crash_is_detected_within_half_a_second(
     harness: Callable[..., Harness], tmp_path: Any, kind: str, exitcode: int, described: str
 ) -> None:
     stamp = str(tmp_path / "crashed_at")
-    h = harness(WhenWeight(HANG, Stamped(faults.CrashingEval(kind, exit_code=3), stamp)))
+    h = harness(WhenWeight(HANG, Stamped(faults.CrashingEval(kind, exit_code=3), stamp)), niceness=0)
     h.fill(HANG)
     crashed = h.run_one(step=1)
     assert crashed.state == "failed"

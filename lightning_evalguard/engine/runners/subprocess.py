@@ -295,6 +295,7 @@ class SubprocessRunner(Runner):
             "workers_killed": self.workers_killed,
             "spare_ready": int(spare is not None and spare.state == "ready"),
             "worker_busy": int(active is not None and active.state == "busy"),
+            "workers_alive": len(self._workers),
             "gave_up": int(self._gave_up),
             "abandoned_threads": 0,
         }
