@@ -101,6 +101,7 @@ def trial_set(spare: bool, repeats: int, params_m: float, lightning: bool, timeo
             hung, after = ev.drain()
             assert hung.state == "timeout", hung.state
             assert after.state == "ok", after.error
+            assert hung.started_at is not None
             failovers.append(after.result.values["t"] - (hung.started_at + timeout))
     finally:
         ev.close()
