@@ -110,6 +110,9 @@ class GuardedEvaluation(Callback):
             worker instead of pickling the trainer's (for dataloaders that cannot be pickled):
             an import path such as ``"my_pkg.data:val_loader"`` or a picklable callable taking
             no argument and returning a dataloader, a list or a dict of them.
+        warm_start: subprocess mode: start the worker in the background at fit start rather than
+            at the first evaluation, so that evaluation does not wait for the worker's cold start
+            (seconds of imports, which then compete with the first training steps instead).
 
     Raises:
         ValueError: for an unknown mode, a non-positive interval, both triggers ``None``, a bad
@@ -146,6 +149,7 @@ class GuardedEvaluation(Callback):
         max_respawns: int = 5,
         eval_device: str | None = None,
         dataloader_factory: Callable[[], Any] | str | None = None,
+        warm_start: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
@@ -169,6 +173,12 @@ class GuardedEvaluation(Callback):
         if isinstance(max_respawns, bool) or not isinstance(max_respawns, int) or max_respawns < 0:
             raise ValueError(f"`max_respawns` must be an int >= 0, got {max_respawns!r}")
         _check_subprocess_only(mode, eval_device=eval_device, dataloader_factory=dataloader_factory)
+        if not isinstance(warm_start, bool):
+            raise TypeError(f"`warm_start` must be a bool, got {warm_start!r}")
+        if warm_start and mode != "subprocess":
+            raise ValueError(
+                f"`warm_start` is only used with mode='subprocess', got warm_start=True with mode={mode!r}"
+            )
         if eval_device is not None:
             _check_device("eval_device", eval_device)
         if limit_batches is not None and (
@@ -200,6 +210,7 @@ class GuardedEvaluation(Callback):
         self.eval_device = eval_device
         self.dataloader_factory_spec = dataloader_factory
         self.dataloader_factory = resolve_callable(dataloader_factory, "dataloader_factory")
+        self.warm_start = warm_start
 
         self.events = EventLog("evaluation")
         self._evaluator: Evaluator | None = None
@@ -213,6 +224,7 @@ class GuardedEvaluation(Callback):
         self._eval_rank = True
         self._world_size = 1
         self.delivered = 0
+        self.final_wait_s = 0.0
         self.last_metrics: dict[str, float] = {}
 
     # -- public surface --------------------------------------------------------------------------
@@ -239,7 +251,8 @@ class GuardedEvaluation(Callback):
                 out.update(respawns=0, worker_pid=0, worker_cold_start_s=0.0, snapshot_copy_s=0.0)
             for name, value in self._restored.get("evaluator", {}).get("counts", {}).items():
                 out[name] = value
-        out.update(delivered=self.delivered, hook_time_s=self._hooks.seconds, hook_calls=self._hooks.calls)
+        out.update(delivered=self.delivered, hook_time_s=self._hooks.seconds, hook_calls=self._hooks.calls,
+                   final_wait_s=self.final_wait_s)
         return out
 
     def busy(self) -> bool:
@@ -248,8 +261,14 @@ class GuardedEvaluation(Callback):
         return ev is not None and (len(ev.queue) > 0 or ev.runner.running() > 0)
 
     def release_buffers(self) -> int:
-        """Free idle snapshot slots beyond one; returns the bytes released."""
-        return self._evaluator.pool.release_idle(keep=1) if self._evaluator is not None else 0
+        """Free idle snapshot slots beyond one; returns the bytes released.
+
+        In subprocess mode the shared slots are mapped by the worker for the whole fit: nothing is
+        released and 0 is returned.
+        """
+        if self._evaluator is None or self.mode == "subprocess":
+            return 0
+        return self._evaluator.pool.release_idle(keep=1)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -311,6 +330,14 @@ class GuardedEvaluation(Callback):
         if self._restored.get("evaluator"):
             self._evaluator.load_state_dict(self._restored["evaluator"])
         self._evaluator.start()
+        if self.mode == "subprocess":
+            if self.warm_start:
+                runner.prestart()  # type: ignore[attr-defined]
+        else:  # make the first slot now (a module copy), not on the training thread at the first trigger
+            pool = self._evaluator.pool
+            slot = pool.acquire()
+            if slot is not None:
+                pool.release(slot)
 
     def _make_runner(self, pl_module: LightningModule) -> tuple[Runner, Callable[[], Any]]:
         """The runner for ``mode`` and the factory of its snapshot slots."""
@@ -486,12 +513,16 @@ class GuardedEvaluation(Callback):
     # -- the end ---------------------------------------------------------------------------------
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Waiting for the last evaluations happens once, after training: it is reported as
+        # final_wait_s, not as per-step hook time.
+        start = time.perf_counter()
+        if self._evaluator is not None and not self._evaluator.wait_idle(self.final_timeout):
+            self._warn_once("final_timeout", f"evaluations still running after final_timeout="
+                            f"{self.final_timeout:g}s were cancelled")
+        if self._evaluator is not None:
+            self._evaluator.close(timeout=self.cancel_grace)
+        self.final_wait_s = time.perf_counter() - start
         with self._hooks():
-            if self._evaluator is not None and not self._evaluator.wait_idle(self.final_timeout):
-                self._warn_once("final_timeout", f"evaluations still running after final_timeout="
-                                f"{self.final_timeout:g}s were cancelled")
-            if self._evaluator is not None:
-                self._evaluator.close(timeout=self.cancel_grace)
             self._sync_and_deliver(trainer, pl_module)
 
     @override

@@ -257,6 +257,34 @@ def test_lightnings_own_validation_loop_is_off_during_fit_and_restored_after() -
     assert model.calls == 2  # Lightning's loop works again, with the user's limit
 
 
+class SlotsAtTrainStart(Callback):
+    def __init__(self, guard: GuardedEvaluation) -> None:
+        self.guard = guard
+        self.slots = -1
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.slots = int(self.guard.stats()["snapshot_slots"])
+
+
+def test_first_snapshot_slot_is_made_before_training_and_idle_slots_can_be_released() -> None:
+    guard = GuardedEvaluation(every_n_epochs=None, every_n_steps=1, max_pending=3, when_full="wait",
+                              limit_batches=1)
+    probe = SlotsAtTrainStart(guard)
+    seen: list[int] = []
+
+    class Release(Callback):
+        def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+            assert guard._evaluator is not None
+            guard._evaluator.wait_idle(30)
+            seen.append(guard.release_buffers())
+
+    fit(SlowValidation(delay=0.01), guard, n_val=1, extra=[probe, Release()], max_epochs=2)
+    assert probe.slots == 1  # the module copy was made at fit start, not at the first trigger
+    assert guard.stats()["snapshot_slots_peak"] >= 2
+    assert seen[0] > 0  # idle slots beyond one were given back
+    assert guard.stats()["final_wait_s"] >= 0.0
+
+
 def test_trainer_limit_val_batches_is_respected_by_default() -> None:
     logger = MemoryLogger()
     guard = GuardedEvaluation(eval_fn=lambda module, dl: {"batches": float(sum(1 for _ in dl))})

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import warnings
 from typing import Any
 
@@ -285,6 +286,8 @@ def test_unpicklable_dataloader_is_refused_at_setup_and_dataloader_factory_fixes
         ({"mode": "stream", "eval_device": "cpu"}, ValueError, r"`eval_device` is only used with mode='subprocess'"),
         ({"mode": "inline", "dataloader_factory": "tests.models:make_loader"}, ValueError,
          r"`dataloader_factory` is only used with mode='subprocess'"),
+        ({"warm_start": 1}, TypeError, r"`warm_start` must be a bool, got 1"),
+        ({"mode": "stream", "warm_start": True}, ValueError, r"`warm_start` is only used with mode='subprocess'"),
     ],
 )
 def test_bad_subprocess_arguments_are_refused(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
@@ -297,6 +300,32 @@ def test_stats_have_the_worker_figures_before_fit() -> None:
     stats = GuardedEvaluation(mode="subprocess").stats()
     assert {"respawns", "worker_pid", "worker_cold_start_s", "snapshot_copy_s"} <= set(stats)
     assert stats["worker_pid"] == 0
+
+
+class WaitForWorker(Callback):
+    """At the first step, waits (bounded) until the guard reports a live worker."""
+
+    def __init__(self, guard: GuardedEvaluation) -> None:
+        self.guard = guard
+        self.pid = 0
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.global_step != 1:
+            return
+        deadline = time.monotonic() + 120
+        while not self.pid and time.monotonic() < deadline:
+            self.pid = int(self.guard.stats()["worker_pid"])
+            time.sleep(0.05)
+
+
+def test_warm_start_starts_the_worker_before_any_evaluation_and_release_buffers_frees_nothing() -> None:
+    guard = GuardedEvaluation(mode="subprocess", warm_start=True, every_n_epochs=50, spare_worker=False)
+    probe = WaitForWorker(guard)
+    fit(Classifier(num_val_loaders=1), guard, n_val=1, extra=[probe], max_epochs=1)
+    assert probe.pid > 0  # up while the first epoch trained, though no evaluation was due
+    assert guard.stats()["submitted"] == 0
+    assert guard.release_buffers() == 0  # the shared slots are the worker's for the whole fit
+    assert gone(probe.pid)
 
 
 def test_eval_device_on_a_machine_without_cuda_fails_at_setup() -> None:

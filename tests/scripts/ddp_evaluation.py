@@ -18,8 +18,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 from lightning.pytorch.callbacks import EarlyStopping
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from lightning_evalguard import GuardedEvaluation  # noqa: E402
-from tests.models import Classifier, make_loader  # noqa: E402
+from lightning_evalguard import GuardedEvaluation
+from tests.models import Classifier, make_loader
 
 
 class Record(Callback):

@@ -251,6 +251,12 @@ class SubprocessRunner(Runner):
     def submitted(self) -> None:
         self._wake()
 
+    def prestart(self) -> None:
+        """Start the first worker now, in the background, instead of with the first job."""
+        with self._lock:
+            self._demand = True
+        self._wake()
+
     def running(self) -> int:
         return 1 if self._busy else 0
 
