@@ -104,10 +104,26 @@ class DigitsClassifier(LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
-def _callbacks(mode: str, out: Path) -> list[Any]:
-    from lightning_evalguard import GuardedEvaluation
+def digit_accuracy(module: torch.nn.Module, dataloader: Any) -> dict[str, float]:
+    """An ``eval_fn`` for GuardedEvaluation: top-1 and top-2 accuracy (``lightning_evalguard.demo.digit_accuracy``)."""
+    top1 = top2 = total = 0
+    for x, y in dataloader:
+        best = module(x).topk(2, dim=-1).indices
+        top1 += int((best[:, 0] == y).sum())
+        top2 += int((best == y[:, None]).any(dim=-1).sum())
+        total += len(y)
+    return {"top1": top1 / max(total, 1), "top2": top2 / max(total, 1)}
 
-    return [GuardedEvaluation(mode=mode, every_n_epochs=1, timeout=120.0)]  # type: ignore[arg-type]
+
+def _callbacks(mode: str, out: Path) -> list[Any]:
+    from lightning_evalguard import BufferedLogging, GuardedEvaluation, PerformanceMonitor, ResourceCleanup
+
+    return [
+        GuardedEvaluation(mode=mode, every_n_epochs=1, timeout=120.0),  # type: ignore[arg-type]
+        BufferedLogging(rules={"train/*": "mean:5", "*": "all"}, max_buffer_mb=16, spill_dir=str(out / "spill")),
+        ResourceCleanup(every_n_epochs=1),
+        PerformanceMonitor(on_violation="log", report_path=str(out / "evalguard_report.json")),
+    ]
 
 
 def run_demo(mode: str = "stream", epochs: int = 3, out: str = "evalguard_out") -> int:
@@ -138,20 +154,56 @@ def run_demo(mode: str = "stream", epochs: int = 3, out: str = "evalguard_out") 
             run_dir = Path(logger.experiment.dir).parent
         wandb.finish()
     elapsed = time.perf_counter() - start
-    _print_summary(trainer, callbacks, elapsed, run_dir)
+    print(summary(trainer, callbacks, elapsed))
+    report_path = next((cb.last_report_path for cb in callbacks if hasattr(cb, "last_report_path")), None)
+    picture = _draw(report_path)
+    if run_dir is not None:
+        print(f"W&B offline run:  {run_dir}")
+    if report_path is not None:
+        print(f"report:           {report_path}")
+    if picture is not None:
+        print(f"timeline picture: {picture}")
     return 0
 
 
-def _print_summary(trainer: Any, callbacks: list[Any], elapsed: float, run_dir: Path | None) -> None:
+def _draw(report_path: str | None) -> str | None:
+    if report_path is None:
+        return None
+    try:
+        from lightning_evalguard.report import draw_timeline, load_report
+
+        return draw_timeline(load_report(report_path), str(Path(report_path).with_suffix("")) + "_timeline.png")
+    except ImportError:
+        print("(install 'lightning-evalguard[examples]' for matplotlib to draw the timeline picture)")
+        return None
+
+
+# (callback, stats key, label, format) rows of the summary table
+_SUMMARY_ROWS = [
+    ("GuardedEvaluation", "completed", "evaluations completed", "d"),
+    ("GuardedEvaluation", "timed_out", "evaluations timed out", "d"),
+    ("GuardedEvaluation", "failed", "evaluations failed", "d"),
+    ("GuardedEvaluation", "skipped_queue_full", "evaluations skipped (queue full)", "d"),
+    ("GuardedEvaluation", "latency_p50_s", "evaluation latency p50 (s)", ".3f"),
+    ("GuardedEvaluation", "snapshot_copy_s", "snapshot copy on training thread (s)", ".6f"),
+    ("BufferedLogging", "accepted", "values accepted for logging", "d"),
+    ("BufferedLogging", "delivered", "values delivered to W&B", "d"),
+    ("BufferedLogging", "spilled", "values spilled to disk", "d"),
+    ("BufferedLogging", "hot_path_ns_p50", "log_metrics cost on training thread (ns, p50)", ".0f"),
+    ("ResourceCleanup", "cleanups", "cleanups", "d"),
+    ("PerformanceMonitor", "alerts", "SLA alerts", "d"),
+]
+
+
+def summary(trainer: Any, callbacks: list[Any], elapsed: float) -> str:
+    """The table the demo prints at the end: validation metrics and each callback's key figures."""
+    lines = [f"\nevalguard demo: {trainer.current_epoch} epochs, {trainer.global_step} steps in {elapsed:.1f}s"]
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    print(f"\nevalguard demo: {trainer.current_epoch} epochs, {trainer.global_step} steps in {elapsed:.1f}s")
     for key, value in sorted(metrics.items()):
-        print(f"  {key:<36}{value:>12.4f}")
-    for cb in callbacks:
-        stats = cb.stats()
-        print(f"  {type(cb).__name__}:")
-        for key in sorted(stats):
-            value = stats[key]
-            print(f"    {key:<34}{value:>12.4g}" if isinstance(value, float) else f"    {key:<34}{value:>12}")
-    if run_dir is not None:
-        print(f"  W&B offline run: {run_dir}")
+        lines.append(f"  {key:<50}{value:>12.4f}")
+    stats = {type(cb).__name__: cb.stats() for cb in callbacks}
+    for name, key, label, fmt in _SUMMARY_ROWS:
+        value = stats.get(name, {}).get(key)
+        if value is not None:
+            lines.append(f"  {label:<50}{format(int(value) if fmt == 'd' else value, fmt):>12}")
+    return "\n".join(lines)
