@@ -12,6 +12,7 @@ import math
 import time
 import traceback
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -32,6 +33,9 @@ from lightning_evalguard.errors import EvalGuardWarning
 __all__ = ["GuardedEvaluation"]
 
 MODES = ("stream", "subprocess", "inline")
+
+# trainer -> its limit_val_batches before GuardedEvaluation turned Lightning's validation loop off.
+_USER_LIMIT_VAL_BATCHES: weakref.WeakKeyDictionary[Trainer, int | float] = weakref.WeakKeyDictionary()
 
 
 def _check_positive_int_or_none(name: str, value: Any) -> None:
@@ -113,6 +117,9 @@ class GuardedEvaluation(Callback):
         warm_start: subprocess mode: start the worker in the background at fit start rather than
             at the first evaluation, so that evaluation does not wait for the worker's cold start
             (seconds of imports, which then compete with the first training steps instead).
+        progress_bar: show the evaluation state in Lightning's progress bar: ``eval_queued`` (jobs
+            queued or running) and ``eval_step`` (the snapshot step of the last result), next to
+            the metrics your ``validation_step`` logs with ``prog_bar=True``.
 
     Raises:
         ValueError: for an unknown mode, a non-positive interval, both triggers ``None``, a bad
@@ -150,6 +157,7 @@ class GuardedEvaluation(Callback):
         eval_device: str | None = None,
         dataloader_factory: Callable[[], Any] | str | None = None,
         warm_start: bool = False,
+        progress_bar: bool = True,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
@@ -173,6 +181,8 @@ class GuardedEvaluation(Callback):
         if isinstance(max_respawns, bool) or not isinstance(max_respawns, int) or max_respawns < 0:
             raise ValueError(f"`max_respawns` must be an int >= 0, got {max_respawns!r}")
         _check_subprocess_only(mode, eval_device=eval_device, dataloader_factory=dataloader_factory)
+        if not isinstance(progress_bar, bool):
+            raise TypeError(f"`progress_bar` must be a bool, got {progress_bar!r}")
         if not isinstance(warm_start, bool):
             raise TypeError(f"`warm_start` must be a bool, got {warm_start!r}")
         if warm_start and mode != "subprocess":
@@ -211,13 +221,14 @@ class GuardedEvaluation(Callback):
         self.dataloader_factory_spec = dataloader_factory
         self.dataloader_factory = resolve_callable(dataloader_factory, "dataloader_factory")
         self.warm_start = warm_start
+        self.progress_bar = progress_bar
 
         self.events = EventLog("evaluation")
         self._evaluator: Evaluator | None = None
         self._program: EvalProgram | None = None
         self._restored: dict[str, Any] = {}
         self._hooks = HookTimer()
-        self._saved_limit_val_batches: int | float | None = None
+        self._user_limit_val_batches: int | float | None = None
         self._adopted: list[Callback] = []
         self._warned: set[str] = set()
         self._last_step_trigger = -1
@@ -290,9 +301,11 @@ class GuardedEvaluation(Callback):
             return
         with self._hooks():
             # Turn Lightning's own validation loop off while we run evaluation (restored at teardown).
-            if self._saved_limit_val_batches is None:
-                self._saved_limit_val_batches = trainer.limit_val_batches
+            # Several instances may share a trainer: the first one saves the user's value.
+            if trainer not in _USER_LIMIT_VAL_BATCHES:
+                _USER_LIMIT_VAL_BATCHES[trainer] = trainer.limit_val_batches
                 trainer.limit_val_batches = 0
+            self._user_limit_val_batches = _USER_LIMIT_VAL_BATCHES[trainer]
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -311,8 +324,8 @@ class GuardedEvaluation(Callback):
                 "`val_dataloader()` on the module or datamodule, or give `eval_fn`"
             )
         limit = self.limit_batches
-        if limit is None and self._saved_limit_val_batches not in (None, 0):
-            limit = self._saved_limit_val_batches
+        if limit is None and self._user_limit_val_batches not in (None, 0):
+            limit = self._user_limit_val_batches
         self._program = EvalProgram(dataloaders, limit, self.eval_fn)
         if self._evaluator is not None:  # a second fit with this callback: keep the counters
             self._restored = {**self._restored, "evaluator": self._evaluator.state_dict()}
@@ -442,6 +455,18 @@ class GuardedEvaluation(Callback):
         outcome = self._evaluator.request(trainer.global_step, trainer.current_epoch, state_tensors(pl_module))
         if outcome == "skipped_breaker_open" and self._evaluator.gave_up is None:
             self._warn_once("breaker_open", "evaluation skipped: the circuit breaker is open after repeated failures")
+        self._show_progress(trainer)
+
+    def _show_progress(self, trainer: Trainer, last_step: int | None = None) -> None:
+        """Evaluation state in the progress bar: jobs queued or running, and the snapshot step of
+        the last result (written when they change, never per step)."""
+        if not self.progress_bar:
+            return
+        metrics = trainer.progress_bar_metrics
+        if self._evaluator is not None:
+            metrics[f"{self.prefix}eval_queued"] = len(self._evaluator.queue) + self._evaluator.runner.running()
+        if last_step is not None:
+            metrics[f"{self.prefix}eval_step"] = last_step
 
     # -- delivery --------------------------------------------------------------------------------
     def _drain_records(self) -> list[dict[str, Any]]:
@@ -474,6 +499,7 @@ class GuardedEvaluation(Callback):
             self._deliver(trainer, pl_module, records)
 
     def _deliver(self, trainer: Trainer, pl_module: LightningModule, records: list[dict[str, Any]]) -> None:
+        self._show_progress(trainer)
         for record in records:
             state = record["state"]
             if state == "ok":
@@ -498,6 +524,7 @@ class GuardedEvaluation(Callback):
         device = pl_module.device
         trainer.callback_metrics.update({k: torch.tensor(v, device=device) for k, v in {**named, **extra}.items()})
         trainer.progress_bar_metrics.update({self.prefix + k: values[k] for k in record["prog_bar_keys"]})
+        self._show_progress(trainer, last_step=step)
         self.last_metrics = dict(named)
         self.delivered += 1
         for cb in self._adopted:
@@ -538,9 +565,9 @@ class GuardedEvaluation(Callback):
         if self._evaluator is not None:
             self._evaluator.close(timeout=self.cancel_grace)
             self._evaluator.pool.clear()
-        if self._saved_limit_val_batches is not None:
-            trainer.limit_val_batches = self._saved_limit_val_batches
-            self._saved_limit_val_batches = None
+        user_limit = _USER_LIMIT_VAL_BATCHES.pop(trainer, None)  # the first instance to stop restores it
+        if user_limit is not None:
+            trainer.limit_val_batches = user_limit
 
     def __repr__(self) -> str:
         return (

@@ -350,9 +350,13 @@ def test_two_instances_coexist_with_distinct_state_keys() -> None:
     b = GuardedEvaluation(prefix="b/", every_n_epochs=None, every_n_steps=4)
     assert a.state_key != b.state_key
     logger = MemoryLogger()
-    fit(Classifier(), a, n_val=1, extra=[b], logger=logger, max_epochs=1)
+    model = CountingClassifier()
+    trainer = fit(model, a, n_val=1, extra=[b], logger=logger, max_epochs=1, limit_val_batches=2)
     assert logger.rows_with("a/val/loss")
     assert logger.rows_with("b/val/loss")
+    assert model.calls == 0  # Lightning's own loop stayed off
+    assert trainer.limit_val_batches == 2  # and the user's setting came back, whichever stopped first
+    assert a._user_limit_val_batches == b._user_limit_val_batches == 2
 
 
 @pytest.mark.parametrize(
@@ -390,3 +394,16 @@ def test_stream_mode_on_cuda_matches_validate_without_host_sync() -> None:
     assert guard.stats()["completed"] == 2
     reference = {k: v for d in trainer.validate(model, val_loaders(), verbose=False) for k, v in d.items()}
     assert max(abs(guard.last_metrics[k] - v) for k, v in reference.items()) <= 1e-5
+
+
+@pytest.mark.parametrize("progress_bar", [True, False])
+def test_progress_bar_shows_the_evaluation_state(progress_bar: bool) -> None:
+    guard = GuardedEvaluation(mode="inline", progress_bar=progress_bar)
+    trainer = fit(Classifier(), guard, n_val=1, max_epochs=2, n_train=64)
+    shown = trainer.progress_bar_metrics
+    if progress_bar:
+        assert shown["eval_step"] == trainer.global_step  # the last snapshot: after the last step
+        assert shown["eval_queued"] == 0
+    else:
+        assert "eval_step" not in shown
+        assert "eval_queued" not in shown
