@@ -17,6 +17,7 @@ os.environ.setdefault("PL_DISABLE_FORK", "1")
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -84,3 +85,19 @@ def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def finish_wandb() -> None:
+    """End the W&B run and stop the wandb-core service: only then is an offline run file complete
+    (``finish()`` alone can return before the service has written its last block)."""
+    import wandb
+
+    wandb.finish()
+    wandb.teardown()
+
+
+@pytest.fixture
+def wandb_dir(tmp_path: Path) -> Iterator[Path]:
+    """A save_dir for an offline WandbLogger; the run and the wandb-core service are ended after."""
+    yield tmp_path
+    finish_wandb()

@@ -11,7 +11,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -34,6 +33,7 @@ from lightning_evalguard.testing import (
     SlowLogger,
     read_wandb_run,
 )
+from tests.conftest import finish_wandb
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore:.*anonymous.*")
 
@@ -119,25 +119,6 @@ def spilled_on_disk(directory: Path) -> int:
 
 def flusher_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("evalguard-log-flusher")]
-
-
-def finish_wandb() -> None:
-    """End the run and stop the wandb-core service: only then is the run file fully on disk
-    (``finish()`` alone can return before the service has written its last block)."""
-    import wandb
-
-    wandb.finish()
-    wandb.teardown()
-
-
-@pytest.fixture
-def wandb_dir(tmp_path: Path) -> Iterator[Path]:
-    """A save_dir for an offline WandbLogger; the run and the wandb-core service are ended after."""
-    import wandb
-
-    yield tmp_path
-    wandb.finish()
-    wandb.teardown()
 
 
 # -- construction ----------------------------------------------------------------------------------
