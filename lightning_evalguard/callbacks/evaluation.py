@@ -510,7 +510,8 @@ class GuardedEvaluation(Callback):
                                 "training went on (see GuardedEvaluation.stats())")
             elif state == "failed":
                 self._warn_once(f"failed:{record.get('error_key')}",
-                                f"evaluation of step {record['step']} failed; training went on:\n{record.get('error')}")
+                                f"evaluation of step {record['step']} failed ({record.get('error_key')}); "
+                                f"training went on:\n{record.get('error')}")
 
     def _deliver_result(self, trainer: Trainer, pl_module: LightningModule, record: dict[str, Any]) -> None:
         values: Mapping[str, float] = record["values"]
