@@ -1,7 +1,7 @@
 """lightning_evalguard: PyTorch Lightning callbacks that keep evaluation, logging and cleanup off the
 training thread's critical path, with hard bounds on each.
 
-Example:
+Examples:
     >>> from lightning_evalguard import GuardedEvaluation
     >>> GuardedEvaluation(mode="stream", every_n_epochs=1, timeout=600.0).mode
     'stream'

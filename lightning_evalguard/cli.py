@@ -3,7 +3,7 @@
 Only :mod:`argparse` is imported at start-up; each subcommand imports what it needs when it runs,
 so ``evalguard --help`` does not import torch.
 
-Example:
+Examples:
     >>> main(["--version"])  # doctest: +ELLIPSIS
     evalguard ...
     0

@@ -7,7 +7,7 @@ it prints a summary of the figures and where the W&B offline run (and report) la
 The CLI imports this module only when ``evalguard demo`` runs, so importing Lightning here costs
 ``evalguard --help`` nothing.
 
-Example:
+Examples:
     >>> images, labels = load_digits()
     >>> tuple(images.shape), int(labels.max())
     ((1797, 1, 8, 8), 9)

@@ -11,7 +11,7 @@ subclass puts the offending parameter first, then the full message, and exits wi
 
 Use it exactly like ``LightningCLI``.
 
-Example:
+Examples:
     >>> summarize_parser_error('''Parser key "trainer.callbacks":
     ...   Errors:
     ...     - Problem with given class_path 'lightning_evalguard.callbacks.evaluation.GuardedEvaluation':

@@ -12,7 +12,7 @@ most).
 
 Only segments written for a W&B logger are sent; others (CSV, TensorBoard) are listed and skipped.
 
-Example:
+Examples:
     >>> run_replay("/nonexistent/spill", project="p", run_id=None, offline=True)  # doctest: +SKIP
     0
 """

@@ -19,7 +19,7 @@ The report is one JSON object (schema :data:`SCHEMA`)::
 ``evalguard report REPORT.json [-o timeline.png]`` prints :func:`summary_table` and draws
 :func:`draw_timeline`. matplotlib is imported inside :func:`draw_timeline` only.
 
-Example:
+Examples:
     >>> rec = TimelineRecorder(max_points=4)
     >>> for i in range(6):
     ...     rec.step_batch(t0=float(i), t1=i + 1.0, steps=10, busy_steps=0, step=10 * i, epoch=0)

@@ -70,7 +70,7 @@ class EvalFault:
             absent (it is created atomically just before), across processes and worker restarts.
             Later calls do nothing, so a test can check that the next evaluation succeeds.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> once = os.path.join(tempfile.mkdtemp(), "fired")
         >>> fault = RaisingEval("boom", once_file=once)
@@ -360,7 +360,7 @@ class _FaultyLogger(Logger):
 class FailingLogger(_FaultyLogger):
     """A logger whose ``log_metrics`` always raises ``error`` (default: ``ConnectionError``).
 
-    Example:
+    Examples:
         >>> logger = FailingLogger()
         >>> logger.log_metrics({"loss": 1.0}, step=0)
         Traceback (most recent call last):
@@ -385,7 +385,7 @@ class FlakyLogger(_FaultyLogger):
         failure_rate: probability in [0, 1) that a call fails.
         seed: seed of the failure sequence (the same seed fails the same calls).
 
-    Example:
+    Examples:
         >>> logger = FlakyLogger(failure_rate=0.3, seed=0)
         >>> outcomes = []
         >>> for step in range(1000):
@@ -419,7 +419,7 @@ class HangingLogger(_FaultyLogger):
     that a forgotten release cannot keep a thread alive for ever. :attr:`hanging` is set when the
     first call starts to hang, for tests to wait on.
 
-    Example:
+    Examples:
         >>> logger = HangingLogger(hang_after=1)
         >>> logger.log_metrics({"x": 1.0}, step=0)  # the first call goes through
         >>> logger.release(); logger.log_metrics({"x": 2.0}, step=1)  # released: no hang
@@ -450,7 +450,7 @@ class HangingLogger(_FaultyLogger):
 class SlowLogger(_FaultyLogger):
     """A logger whose ``log_metrics`` takes ``delay`` seconds more than the wrapped logger's.
 
-    Example:
+    Examples:
         >>> logger = SlowLogger(delay=0.0)
         >>> logger.log_metrics({"x": 1.0}, step=0); logger.calls
         1
@@ -475,7 +475,7 @@ class FullDisk:
     under ``path``, so the rest of the process (checkpoints, W&B) is unaffected. Files already open
     fail too, as on a disk that fills up mid-run.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from lightning_evalguard.engine.buffer import Row, SpillStore, SpillFailure
         >>> directory = tempfile.mkdtemp()
@@ -628,7 +628,7 @@ def read_wandb_run(path: str | os.PathLike[str]) -> WandbRunRecords:
         FileNotFoundError: no run file where expected.
         ValueError: several runs under the directory, or a file that is not a valid W&B log.
 
-    Example:
+    Examples:
         >>> records = read_wandb_run(tmp_path)  # doctest: +SKIP
         >>> records.complete, records.series("train/loss")[:2]  # doctest: +SKIP
         (True, [(0, 2.31), (1, 2.28)])
@@ -680,7 +680,7 @@ class LeakingCallback(Callback):
     Args:
         bytes_per_step: bytes kept per training step (filled, so they count in RSS at once).
 
-    Example:
+    Examples:
         >>> leak = LeakingCallback(bytes_per_step=1024)
         >>> leak.on_train_batch_end(None, None, None, None, 0)
         >>> leak.leaked_bytes
@@ -721,7 +721,7 @@ class SlowHookCallback(Callback):
         every_n_steps: be slow at every n-th training step only.
         clock: time source (and sleeper).
 
-    Example:
+    Examples:
         >>> clock = FakeClock()
         >>> slow = SlowHookCallback(0.002, clock=clock)
         >>> slow.on_train_batch_end(None, None, None, None, 0)
@@ -771,7 +771,7 @@ class BusyCallback(Callback):
         busy_epochs: ``"odd"``, ``"even"``, ``"all"`` or ``"none"``.
         clock: time source (and sleeper).
 
-    Example:
+    Examples:
         >>> from types import SimpleNamespace
         >>> busy = BusyCallback(0.005, busy_epochs="odd", clock=FakeClock())
         >>> busy.on_train_epoch_start(SimpleNamespace(current_epoch=1, global_step=8), None)
@@ -833,7 +833,7 @@ class StepClock(Callback):
     Stands in for the compute of a step in tests that run a real ``Trainer.fit`` on fake time, so
     step-time figures are exact and no test waits on the wall clock.
 
-    Example:
+    Examples:
         >>> clock = FakeClock()
         >>> StepClock(clock, step_s=0.01).on_train_batch_start(None, None, None, 0)
         >>> clock.now()

@@ -68,7 +68,7 @@ class ResourceCleanup(Callback):
         ValueError: ``every_n_epochs`` below 0 or ``gc_generation`` not 0, 1 or 2.
         TypeError: a flag that is not a bool, or an int argument that is not an int.
 
-    Example:
+    Examples:
         >>> from lightning.pytorch import Trainer
         >>> cleanup = ResourceCleanup(every_n_epochs=1, gc_generation=1)
         >>> trainer = Trainer(callbacks=[cleanup], logger=False, enable_progress_bar=False)

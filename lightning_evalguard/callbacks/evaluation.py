@@ -120,6 +120,11 @@ class GuardedEvaluation(Callback):
         progress_bar: show the evaluation state in Lightning's progress bar: ``eval_queued`` (jobs
             queued or running) and ``eval_step`` (the snapshot step of the last result), next to
             the metrics your ``validation_step`` logs with ``prog_bar=True``.
+        eval_threads: torch intra-op (CPU) threads the evaluation uses: of the worker thread in
+            stream mode (``torch.set_num_threads`` is per thread), of the worker process in
+            subprocess mode, for the duration of a job in inline mode. ``None`` (default): the
+            training process's setting. On a CPU where training already uses every core, 1 keeps
+            evaluation from oversubscribing them.
 
     Raises:
         ValueError: for an unknown mode, a non-positive interval, both triggers ``None``, a bad
@@ -128,7 +133,7 @@ class GuardedEvaluation(Callback):
         TypeError: for an ``eval_fn`` or ``dataloader_factory`` that is neither callable nor a
             string, or a non-bool ``spare_worker``.
 
-    Example:
+    Examples:
         >>> from lightning.pytorch import Trainer
         >>> guard = GuardedEvaluation(mode="stream", every_n_epochs=1, timeout=600.0)
         >>> trainer = Trainer(callbacks=[guard], logger=False, enable_progress_bar=False)
@@ -158,6 +163,7 @@ class GuardedEvaluation(Callback):
         dataloader_factory: Callable[[], Any] | str | None = None,
         warm_start: bool = False,
         progress_bar: bool = True,
+        eval_threads: int | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
@@ -181,6 +187,10 @@ class GuardedEvaluation(Callback):
         if isinstance(max_respawns, bool) or not isinstance(max_respawns, int) or max_respawns < 0:
             raise ValueError(f"`max_respawns` must be an int >= 0, got {max_respawns!r}")
         _check_subprocess_only(mode, eval_device=eval_device, dataloader_factory=dataloader_factory)
+        if eval_threads is not None and (
+            isinstance(eval_threads, bool) or not isinstance(eval_threads, int) or eval_threads < 1
+        ):
+            raise ValueError(f"`eval_threads` must be an int >= 1 or None, got {eval_threads!r}")
         if not isinstance(progress_bar, bool):
             raise TypeError(f"`progress_bar` must be a bool, got {progress_bar!r}")
         if not isinstance(warm_start, bool):
@@ -222,6 +232,7 @@ class GuardedEvaluation(Callback):
         self.dataloader_factory = resolve_callable(dataloader_factory, "dataloader_factory")
         self.warm_start = warm_start
         self.progress_bar = progress_bar
+        self.eval_threads = eval_threads
 
         self.events = EventLog("evaluation")
         self._evaluator: Evaluator | None = None
@@ -368,11 +379,11 @@ class GuardedEvaluation(Callback):
         if self.mode == "inline":
             from lightning_evalguard.engine.runners.inline import InlineRunner
 
-            runner = InlineRunner(self._execute, cancel_grace=self.cancel_grace)
+            runner = InlineRunner(self._execute, cancel_grace=self.cancel_grace, threads=self.eval_threads)
         else:
             from lightning_evalguard.engine.runners.stream import StreamRunner
 
-            runner = StreamRunner(self._execute, cancel_grace=self.cancel_grace)
+            runner = StreamRunner(self._execute, cancel_grace=self.cancel_grace, threads=self.eval_threads)
         return runner, make_shadow
 
     def _make_subprocess_runner(self, pl_module: LightningModule) -> tuple[Runner, Callable[[], Any]]:
@@ -400,6 +411,7 @@ class GuardedEvaluation(Callback):
                 # A cold start imports torch and Lightning and builds the dataloaders: allow it more
                 # than a short evaluation timeout.
                 start_timeout=max(self.timeout, 300.0),
+                threads=self.eval_threads,
             )
         except TypeError as exc:
             raise TypeError(f"GuardedEvaluation(mode='subprocess'): {exc}") from exc.__cause__

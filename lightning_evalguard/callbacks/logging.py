@@ -84,7 +84,7 @@ class BufferedLogging(Callback):
         ValueError: an argument out of range, or an invalid rule or pattern (quoted in the message).
         TypeError: an argument of the wrong type.
 
-    Example:
+    Examples:
         >>> logging = BufferedLogging(rules={"train/*": "mean:10", "*": "all"}, max_buffer_mb=64)
         >>> logging.rules
         {'train/*': 'mean:10', '*': 'all'}

@@ -107,7 +107,7 @@ class PerformanceMonitor(Callback):
         ValueError: a negative or non-finite limit, ``warmup_steps < 0``, ``window < 10``,
             ``log_every_n_steps < 1`` or an unknown ``on_violation``.
 
-    Example:
+    Examples:
         >>> monitor = PerformanceMonitor(max_step_slowdown=0.05, on_violation="log", report_path="run.json")
         >>> monitor.thresholds()["step_slowdown"]
         0.05

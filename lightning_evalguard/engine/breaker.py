@@ -9,7 +9,7 @@ States (numeric codes are what ``stats()`` report)::
 :meth:`CircuitBreaker.lock_open` pins it open for good (used when a component has given up, e.g.
 after too many abandoned threads): no trial is ever let through again.
 
-Example:
+Examples:
     >>> from lightning_evalguard.engine.clock import FakeClock
     >>> clock = FakeClock()
     >>> breaker = CircuitBreaker(failure_threshold=2, recovery_time=10.0, clock=clock)

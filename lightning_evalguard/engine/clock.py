@@ -3,7 +3,7 @@
 Everything that measures or waits on time takes a :class:`Clock`, so engine tests advance a
 :class:`FakeClock` instead of sleeping.
 
-Example:
+Examples:
     >>> clock = FakeClock(start=10.0)
     >>> clock.advance(2.5)
     >>> clock.now()

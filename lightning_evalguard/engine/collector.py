@@ -10,7 +10,7 @@ way Lightning reduces validation logs (``on_epoch=True``):
 - a torchmetrics ``Metric`` object: ``compute()`` at the end of the epoch, then ``reset()``;
 - with several dataloaders, keys get Lightning's ``/dataloader_idx_{i}`` suffix.
 
-Example:
+Examples:
     >>> c = Collector(num_dataloaders=1)
     >>> c.set_batch(dataloader_idx=0, batch_size=2); c.log("val/loss", 1.0)
     >>> c.set_batch(dataloader_idx=0, batch_size=6); c.log("val/loss", 3.0)

@@ -4,7 +4,7 @@ Each evalguard callback owns one :class:`EventLog` (its ``events`` attribute). B
 append to it; :class:`~lightning_evalguard.PerformanceMonitor` reads it with a cursor and writes the
 timeline into its JSON report. When full, the oldest events are dropped and counted.
 
-Example:
+Examples:
     >>> from lightning_evalguard.engine.clock import FakeClock
     >>> log = EventLog("evaluation", maxlen=2, clock=FakeClock(start=1.0))
     >>> log.emit("eval_start", job=1); log.emit("eval_end", job=1, outcome="ok"); log.emit("eval_start", job=2)

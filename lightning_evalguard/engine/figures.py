@@ -4,7 +4,7 @@ The inputs are what the callback collects on the training thread: other callback
 dicts, a :class:`~lightning_evalguard.engine.sla.StepTimes`, memory readings and growth series.
 Everything here is a pure function of them, so the figures are tested without a Trainer.
 
-Example:
+Examples:
     >>> evaluation_figures([{"completed": 3, "pending": 1, "running": 1, "latency_p95_s": 2.0},
     ...                     {"completed": 1, "latency_p95_s": 5.0}])["eval_queue_depth"]
     2.0

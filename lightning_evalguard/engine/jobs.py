@@ -11,7 +11,7 @@ lock, so the thread that runs it and the watchdog that times it out cannot both 
 ``"wait"`` blocks the producer (the training thread) until there is room, at most ``wait_timeout``
 seconds. Every drop is counted by reason in :attr:`JobQueue.dropped`.
 
-Example:
+Examples:
     >>> q = JobQueue(max_pending=1, when_full="replace")
     >>> first, second = Job(1, step=10, epoch=0), Job(2, step=20, epoch=0)
     >>> q.make_room(); q.put(first)

@@ -3,7 +3,7 @@
 Both libraries are imported when first used, and torch only if the caller already imported it:
 reading memory never initialises CUDA in a process that does not use it.
 
-Example:
+Examples:
     >>> reading = read_memory()
     >>> reading.host_rss > 0
     True

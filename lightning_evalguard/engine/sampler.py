@@ -15,7 +15,7 @@ Windows count *values of that key*, not trainer steps; with ``Trainer(log_every_
 are the same. :meth:`Sampler.drain` emits the windows still open (fewer than N values), so no value
 is lost to aggregation at the end of a run.
 
-Example:
+Examples:
     >>> sampler = Sampler(RuleSet({"loss": "mean:2", "lr": "drop"}))
     >>> sampler.process({"loss": 1.0, "lr": 0.1, "acc": 0.5}, step=0)
     {'acc': 0.5}
@@ -61,7 +61,7 @@ def parse_rule(text: str) -> Rule:
         TypeError: ``text`` is not a string.
         ValueError: ``text`` is not one of the rules, or N is not an integer >= 1.
 
-    Example:
+    Examples:
         >>> parse_rule("mean:10")
         Rule(kind='mean', n=10)
     """
@@ -313,7 +313,7 @@ def clean_values(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]
     become ``int``/``float``; 0-d tensors and arrays become their ``item()``. Non-finite floats are
     values like any other. Strings, ``None``, containers, and non-string keys are invalid.
 
-    Example:
+    Examples:
         >>> clean_values({"a": 1.0, "b": "text", "c": float("nan")})
         ({'a': 1.0, 'c': nan}, ['b'])
     """

@@ -17,7 +17,7 @@ index, and nothing is pickled per evaluation.
 each slot it makes is one region, tagged with a :class:`SlotHandle`; a region becomes free again
 when the pool lets go of that slot.
 
-Example:
+Examples:
     >>> import torch
     >>> live = torch.nn.Linear(3, 2)
     >>> slots = SharedSlots.like(live, count=2)

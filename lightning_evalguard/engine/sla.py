@@ -15,7 +15,7 @@ How each figure decides a violation (the figures themselves are always reported 
   seconds of readings is not evidence of a leak;
 - everything else (rates, latencies, lags) is compared to its threshold as is.
 
-Example:
+Examples:
     >>> times = StepTimes(window=100)
     >>> for _ in range(20):
     ...     times.add(0.010, busy=False)
@@ -248,7 +248,7 @@ class StepTimes:
         window: how many of the latest busy and of the latest idle steps are kept (each).
         baseline: idle steps in the local baseline of a busy step (the first 5 are needed).
 
-    Example:
+    Examples:
         >>> times = StepTimes(window=100)
         >>> for i in range(100):  # in each block of 20 steps, the first 5 overlap background work
         ...     busy = i % 20 < 5
@@ -315,7 +315,7 @@ class GrowthSeries:
     Args:
         maxlen: most readings kept (>= 4, even).
 
-    Example:
+    Examples:
         >>> series = GrowthSeries()
         >>> for i in range(6):
         ...     series.add(t=600.0 * i, epoch=float(i), value=(100 + 2 * i) * MB)  # +2 MB per 10 min

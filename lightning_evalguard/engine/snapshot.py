@@ -15,7 +15,7 @@ The copy stream starts when the main stream has finished the step, the next step
 weights before the copy has read them, and a slot is not overwritten before the evaluation reading
 it has finished on the GPU. On CPU it is a plain ``copy_`` (one ``torch._foreach_copy_``).
 
-Example:
+Examples:
     >>> import torch
     >>> live = torch.nn.Linear(2, 1)
     >>> pool = SnapshotPool(lambda: clone_state(live), size=2)

@@ -7,7 +7,7 @@ what throughput is made of. :class:`ClockStepTimer` reads an injected clock at e
 times later, only for events the device has already passed (``Event.query()``), so the training
 thread never waits for the GPU; only :meth:`CudaStepTimer.finish`, at the end of fit, waits.
 
-Example:
+Examples:
     >>> from lightning_evalguard.engine.clock import FakeClock
     >>> from lightning_evalguard.engine.sla import StepTimes
     >>> clock, times = FakeClock(), StepTimes(window=10)

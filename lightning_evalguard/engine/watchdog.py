@@ -7,7 +7,7 @@ Between deadlines it wakes every ``tick`` seconds, and records how late each wak
 
 Tests drive :meth:`Watchdog.poll` by hand with a fake clock instead of starting the thread.
 
-Example:
+Examples:
     >>> from lightning_evalguard.engine.clock import FakeClock
     >>> clock, fired = FakeClock(), []
     >>> dog = Watchdog(tick=0.05, clock=clock)

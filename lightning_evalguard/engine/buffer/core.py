@@ -10,7 +10,7 @@ individually (an invalid value in an otherwise good row). At every moment, under
 not yet replayed (a replay moves it to ``delivered``). Calls that are not metric rows
 (``log_hyperparams``, ``log_image``, ...) go through the same queue, in order, and are counted apart.
 
-Example:
+Examples:
     >>> buf = MetricBuffer(max_bytes=1 << 20, when_full="drop_newest")
     >>> buf.put_row({"loss": 0.5, "acc": 0.9}, step=3)
     >>> [row] = buf.take(10)

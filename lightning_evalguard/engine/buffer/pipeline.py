@@ -4,7 +4,7 @@
 :class:`LogPipeline` is what a logger proxy calls on the training thread. Its :meth:`LogPipeline.log`
 is the hot path: a type check, a dict copy, the sampling rule and an append under a lock.
 
-Example:
+Examples:
     >>> class ListSink:
     ...     def __init__(self): self.rows = []
     ...     def send_row(self, row): self.rows.append((row.step, row.values))
@@ -124,7 +124,7 @@ class WarnOnce:
 def quantile(values: Sequence[float], q: float) -> float:
     """Nearest-rank quantile (0.0 for no values).
 
-    Example:
+    Examples:
         >>> quantile([5, 1, 3, 2, 4], 0.5), quantile([], 0.95)
         (3, 0.0)
     """

@@ -5,7 +5,7 @@ The flusher retries a failed send ``max_retries`` times; before the k-th retry i
 most ``jitter`` so that many processes hitting the same backend do not retry in lockstep. The random
 source is injected, so tests are deterministic.
 
-Example:
+Examples:
     >>> import random
     >>> backoff = Backoff(base=0.5, cap=1.5, jitter=0.0)
     >>> [backoff.delay(k) for k in (1, 2, 3, 4)]

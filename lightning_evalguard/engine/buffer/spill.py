@@ -17,7 +17,7 @@ row, so what the store reports written is exactly what is on disk.
 The same module reads segments back for ``evalguard replay`` (:func:`list_segments`,
 :func:`iter_rows`, :func:`save_progress`, :func:`mark_replayed`).
 
-Example:
+Examples:
     >>> import tempfile
     >>> from lightning_evalguard.engine.buffer.core import Row
     >>> store = SpillStore(tempfile.mkdtemp(), max_bytes=1 << 20)

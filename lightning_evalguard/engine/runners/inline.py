@@ -26,8 +26,11 @@ class InlineRunner(ThreadJobRunner):
 
     name = "inline"
 
-    def __init__(self, execute: Execute, *, cancel_grace: float = 5.0) -> None:
+    def __init__(self, execute: Execute, *, cancel_grace: float = 5.0, threads: int | None = None) -> None:
         super().__init__(execute, cancel_grace=cancel_grace)
+        if threads is not None and threads < 1:
+            raise ValueError(f"`threads` must be >= 1 or None, got {threads!r}")
+        self.threads = threads
         self.stuck = 0
 
     def start(self) -> None:
@@ -42,9 +45,17 @@ class InlineRunner(ThreadJobRunner):
         worker = _Worker(threading.current_thread())
         with self._workers_lock:
             self._workers.append(worker)
+        previous = None
+        if self.threads is not None:
+            import torch
+
+            previous = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
         try:
             self._run_job(worker, job)
         finally:
+            if previous is not None:
+                torch.set_num_threads(previous)  # the caller's (training's) own setting
             with self._workers_lock:
                 self._workers.remove(worker)
 

@@ -9,7 +9,7 @@ code: it is *abandoned* (its slot is retired, a fresh worker thread takes later 
 After ``max_abandoned`` abandoned threads the runner gives up: the evaluator pins the breaker open,
 since each abandoned thread still holds memory and may hold the GIL.
 
-Example:
+Examples:
     >>> from lightning_evalguard.engine.evaluator import Evaluator
     >>> from lightning_evalguard.engine.snapshot import SnapshotPool
     >>> import torch
@@ -43,6 +43,8 @@ class StreamRunner(ThreadJobRunner):
         cancel_grace: seconds a timed-out job gets to stop before its thread is abandoned.
         max_abandoned: abandoned threads after which the runner gives up for good.
         name: prefix of the worker threads' names.
+        threads: torch intra-op threads of the worker thread (``torch.set_num_threads`` is per
+            thread); ``None`` keeps the process default.
     """
 
     name = "stream"
@@ -54,10 +56,14 @@ class StreamRunner(ThreadJobRunner):
         cancel_grace: float = 5.0,
         max_abandoned: int = 2,
         name: str = "evalguard-eval",
+        threads: int | None = None,
     ) -> None:
         super().__init__(execute, cancel_grace=cancel_grace)
         if max_abandoned < 1:
             raise ValueError(f"`max_abandoned` must be >= 1, got {max_abandoned!r}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"`threads` must be >= 1 or None, got {threads!r}")
+        self.threads = threads
         self.max_abandoned = max_abandoned
         self.thread_name = name
         self.abandoned = 0
@@ -85,6 +91,10 @@ class StreamRunner(ThreadJobRunner):
 
         ctx = self.ctx
         assert ctx is not None
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)  # this thread's OpenMP team only
         try:
             while not self._closing and not worker.abandoned:
                 try:

@@ -25,7 +25,7 @@ leak memory, hold the GIL), training goes on and nothing is left behind.
   busy or starting ones ``SIGTERM``; whatever is left after ``timeout`` gets ``SIGKILL``; every
   process is reaped and the shared buffers released.
 
-Example:
+Examples:
     >>> import torch
     >>> from lightning_evalguard.engine.evaluator import Evaluator
     >>> from lightning_evalguard.engine.program import EvalProgram
@@ -111,6 +111,7 @@ class SubprocessRunner(Runner):
         niceness: how much lower the workers' CPU priority is than the training process's.
         poll_interval: liveness poll period while a worker is busy or starting, seconds.
         name: prefix of the process and thread names.
+        threads: torch intra-op threads of each worker; ``None``: as many as the training process.
 
     Raises:
         ValueError: on a bad argument.
@@ -132,8 +133,12 @@ class SubprocessRunner(Runner):
         niceness: int = 10,
         poll_interval: float = 0.1,
         name: str = "evalguard-eval",
+        threads: int | None = None,
     ) -> None:
         super().__init__()
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"`threads` must be an int >= 1 or None, got {threads!r}")
+        self.threads = threads
         _check_seconds("kill_grace", kill_grace)
         _check_seconds("respawn_backoff", respawn_backoff)
         _check_seconds("max_backoff", max_backoff)
@@ -469,7 +474,7 @@ class SubprocessRunner(Runner):
             "parent_pid": os.getpid(),
             "nice": self._nice,
             "generation": generation,
-            "threads": torch.get_num_threads(),
+            "threads": self.threads or torch.get_num_threads(),
         }
         try:
             w = WorkerProcess.launch(
