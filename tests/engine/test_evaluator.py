@@ -238,9 +238,10 @@ def test_close_cancels_pending_and_running_and_stops_threads(closing: list[Evalu
             time.sleep(0.01)
 
     ev = make(execute, max_pending=2, timeout=60.0)
-    for i in range(3):
-        ev.request(step=i, epoch=0, sources=[torch.tensor(0.0)])
-    assert started.wait(5)
+    ev.request(step=0, epoch=0, sources=[torch.tensor(0.0)])
+    assert started.wait(5)  # one running...
+    for i in (1, 2):  # ...and two queued behind it
+        assert ev.request(step=i, epoch=0, sources=[torch.tensor(0.0)]) == "submitted"
     ev.close(timeout=5.0)
     ev.close()  # idempotent
     stats = ev.stats()
