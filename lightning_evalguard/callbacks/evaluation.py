@@ -8,7 +8,6 @@ into its calls and delivers results back into Lightning on the training thread.
 from __future__ import annotations
 
 import copy
-import math
 import time
 import traceback
 import warnings
@@ -21,10 +20,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from typing_extensions import override
 
+from lightning_evalguard.callbacks._evaluation_args import check_arguments
 from lightning_evalguard.callbacks._lightning import HookTimer, resolve_callable, trainer_val_dataloaders
 from lightning_evalguard.engine.evaluator import Evaluator
 from lightning_evalguard.engine.events import EventLog
-from lightning_evalguard.engine.jobs import WHEN_FULL, Job
+from lightning_evalguard.engine.jobs import Job
 from lightning_evalguard.engine.program import EvalProgram
 from lightning_evalguard.engine.runners.base import Runner
 from lightning_evalguard.engine.snapshot import SnapshotPool, state_tensors
@@ -32,38 +32,8 @@ from lightning_evalguard.errors import EvalGuardWarning
 
 __all__ = ["GuardedEvaluation"]
 
-MODES = ("stream", "subprocess", "inline")
-
 # trainer -> its limit_val_batches before GuardedEvaluation turned Lightning's validation loop off.
 _USER_LIMIT_VAL_BATCHES: weakref.WeakKeyDictionary[Trainer, int | float] = weakref.WeakKeyDictionary()
-
-
-def _check_positive_int_or_none(name: str, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"`{name}` must be a positive int or None, got {value!r}")
-
-
-def _check_subprocess_only(mode: str, **params: Any) -> None:
-    for name, value in params.items():
-        if value is not None and mode != "subprocess":
-            raise ValueError(f"`{name}` is only used with mode='subprocess', got {name}={value!r} with mode={mode!r}")
-
-
-def _check_device(name: str, value: Any) -> None:
-    if not isinstance(value, str):
-        raise ValueError(f"`{name}` must be a device string such as 'cuda:1' or 'cpu', got {value!r}")
-    try:
-        torch.device(value)
-    except RuntimeError as exc:
-        raise ValueError(f"`{name}` must be a device string such as 'cuda:1' or 'cpu', got {value!r}") from exc
-
-
-def _check_number(name: str, value: Any, *, minimum: float, strict: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > minimum if strict else value >= minimum)
-    if not ok:
-        relation = ">" if strict else ">="
-        raise ValueError(f"`{name}` must be a finite number {relation} {minimum}, got {value!r}")
 
 
 class GuardedEvaluation(Callback):
@@ -165,51 +135,14 @@ class GuardedEvaluation(Callback):
         progress_bar: bool = True,
         eval_threads: int | None = None,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
-        _check_positive_int_or_none("every_n_epochs", every_n_epochs)
-        _check_positive_int_or_none("every_n_steps", every_n_steps)
-        if every_n_epochs is None and every_n_steps is None:
-            raise ValueError("`every_n_epochs` and `every_n_steps` are both None: nothing would trigger evaluation")
-        _check_number("timeout", timeout, minimum=0, strict=True)
-        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
-            raise ValueError(f"`max_pending` must be an int >= 1, got {max_pending!r}")
-        if when_full not in WHEN_FULL:
-            raise ValueError(f"`when_full` must be one of {WHEN_FULL}, got {when_full!r}")
-        if isinstance(failure_threshold, bool) or not isinstance(failure_threshold, int) or failure_threshold < 1:
-            raise ValueError(f"`failure_threshold` must be an int >= 1, got {failure_threshold!r}")
-        _check_number("recovery_time", recovery_time, minimum=0)
-        _check_number("final_timeout", final_timeout, minimum=0)
-        _check_number("cancel_grace", cancel_grace, minimum=0)
-        _check_number("kill_grace", kill_grace, minimum=0)
-        if not isinstance(spare_worker, bool):
-            raise TypeError(f"`spare_worker` must be a bool, got {spare_worker!r}")
-        if isinstance(max_respawns, bool) or not isinstance(max_respawns, int) or max_respawns < 0:
-            raise ValueError(f"`max_respawns` must be an int >= 0, got {max_respawns!r}")
-        _check_subprocess_only(mode, eval_device=eval_device, dataloader_factory=dataloader_factory)
-        if eval_threads is not None and (
-            isinstance(eval_threads, bool) or not isinstance(eval_threads, int) or eval_threads < 1
-        ):
-            raise ValueError(f"`eval_threads` must be an int >= 1 or None, got {eval_threads!r}")
-        if not isinstance(progress_bar, bool):
-            raise TypeError(f"`progress_bar` must be a bool, got {progress_bar!r}")
-        if not isinstance(warm_start, bool):
-            raise TypeError(f"`warm_start` must be a bool, got {warm_start!r}")
-        if warm_start and mode != "subprocess":
-            raise ValueError(
-                f"`warm_start` is only used with mode='subprocess', got warm_start=True with mode={mode!r}"
-            )
-        if eval_device is not None:
-            _check_device("eval_device", eval_device)
-        if limit_batches is not None and (
-            isinstance(limit_batches, bool)
-            or not isinstance(limit_batches, (int, float))
-            or (isinstance(limit_batches, int) and limit_batches < 0)
-            or (isinstance(limit_batches, float) and not 0.0 <= limit_batches <= 1.0)
-        ):
-            raise ValueError(f"`limit_batches` must be an int >= 0, a float in [0, 1] or None, got {limit_batches!r}")
-        if not isinstance(prefix, str):
-            raise TypeError(f"`prefix` must be a str, got {prefix!r}")
+        check_arguments(
+            mode=mode, every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, timeout=timeout,
+            max_pending=max_pending, when_full=when_full, failure_threshold=failure_threshold,
+            recovery_time=recovery_time, final_timeout=final_timeout, limit_batches=limit_batches,
+            prefix=prefix, cancel_grace=cancel_grace, kill_grace=kill_grace, spare_worker=spare_worker,
+            max_respawns=max_respawns, eval_device=eval_device, dataloader_factory=dataloader_factory,
+            warm_start=warm_start, progress_bar=progress_bar, eval_threads=eval_threads,
+        )
         self.mode = mode
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
