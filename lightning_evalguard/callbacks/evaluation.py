@@ -215,15 +215,17 @@ class GuardedEvaluation(Callback):
         ev = self._evaluator
         return ev is not None and (len(ev.queue) > 0 or ev.runner.running() > 0)
 
-    def release_buffers(self) -> int:
-        """Free idle snapshot slots beyond one; returns the bytes released.
+    def release_buffers(self, min_idle_s: float = 60.0) -> int:
+        """Free snapshot slots beyond one that no evaluation has used for ``min_idle_s`` seconds;
+        returns the bytes released.
 
-        In subprocess mode the shared slots are mapped by the worker for the whole fit: nothing is
-        released and 0 is returned.
+        The age limit keeps a slot that overlapping evaluations keep needing: rebuilding it would
+        copy the module on the training thread at the next trigger. In subprocess mode the shared
+        slots are mapped by the worker for the whole fit: nothing is released and 0 is returned.
         """
         if self._evaluator is None or self.mode == "subprocess":
             return 0
-        return self._evaluator.pool.release_idle(keep=1)
+        return self._evaluator.pool.release_idle(keep=1, min_idle_s=min_idle_s)
 
     @override
     def state_dict(self) -> dict[str, Any]:

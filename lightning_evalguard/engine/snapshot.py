@@ -53,7 +53,17 @@ class Slot:
     """One snapshot buffer: ``tensors`` (same order as the sources), plus an optional ``payload``
     whose state *is* those tensors (e.g. a shadow copy of the module that evaluation runs on)."""
 
-    __slots__ = ("copied_event", "free_event", "in_use", "index", "nbytes", "payload", "retired", "tensors")
+    __slots__ = (
+        "copied_event",
+        "free_event",
+        "in_use",
+        "index",
+        "last_used",
+        "nbytes",
+        "payload",
+        "retired",
+        "tensors",
+    )
 
     def __init__(self, index: int, tensors: list[torch.Tensor], payload: Any = None) -> None:
         self.index = index
@@ -61,6 +71,7 @@ class Slot:
         self.payload = payload
         self.in_use = False
         self.retired = False
+        self.last_used = time.monotonic()
         self.nbytes = sum(t.numel() * t.element_size() for t in tensors)
         self.copied_event: Any = None  # torch.cuda.Event once a CUDA copy was issued
         self.free_event: Any = None  # recorded by the reader's stream when it is done
@@ -113,6 +124,7 @@ class SnapshotPool:
             for slot in self._slots:
                 if not slot.in_use:
                     slot.in_use = True
+                    slot.last_used = time.monotonic()
                     return slot
             if len(self._slots) >= self.size:
                 return None
@@ -136,11 +148,15 @@ class SnapshotPool:
                 slot.retired = True
                 self.retired += 1
 
-    def release_idle(self, keep: int = 1) -> int:
-        """Drop idle slots beyond ``keep``; return the bytes they held (freed once unreferenced)."""
+    def release_idle(self, keep: int = 1, min_idle_s: float = 0.0) -> int:
+        """Drop idle slots beyond ``keep`` that no job has used for ``min_idle_s`` seconds; return
+        the bytes they held (freed once unreferenced). The age limit avoids churn: a slot dropped
+        now and needed at the next trigger would be rebuilt on the training thread."""
+        now = time.monotonic()
         with self._lock:
             idle = [s for s in self._slots if not s.in_use]
-            drop = idle[keep:] if len(idle) > keep else []
+            idle.sort(key=lambda s: s.last_used, reverse=True)  # keep the most recently used
+            drop = [s for s in idle[keep:] if now - s.last_used >= min_idle_s]
             for slot in drop:
                 self._slots.remove(slot)
             return sum(s.nbytes for s in drop)

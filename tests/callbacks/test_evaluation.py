@@ -276,7 +276,7 @@ def test_first_snapshot_slot_is_made_before_training_and_idle_slots_can_be_relea
         def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
             assert guard._evaluator is not None
             guard._evaluator.wait_idle(30)
-            seen.append(guard.release_buffers())
+            seen.append(guard.release_buffers(min_idle_s=0.0))
 
     fit(SlowValidation(delay=0.01), guard, n_val=1, extra=[probe, Release()], max_epochs=2)
     assert probe.slots == 1  # the module copy was made at fit start, not at the first trigger

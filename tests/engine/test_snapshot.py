@@ -69,6 +69,7 @@ def test_release_idle_frees_bytes_beyond_keep() -> None:
     slots = [pool.acquire() for _ in range(3)]
     for s in slots:
         pool.release(s)
+    assert pool.release_idle(keep=1, min_idle_s=3600) == 0  # all used moments ago: kept
     assert pool.release_idle(keep=1) == 2 * 256 * 4
     assert pool.allocated == 1
 
