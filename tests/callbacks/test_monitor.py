@@ -169,16 +169,18 @@ def test_flat_run_on_fake_time_raises_no_alert_and_measures_exactly(tmp_path: Pa
 
 
 def test_flat_run_on_the_real_clock_raises_no_alert(tmp_path: Path) -> None:
-    # Real time, real scheduling noise: a model whose step takes ~3 ms and a busy flag that
-    # alternates by epoch without any extra load. Nothing may alert.
+    # Real time, real scheduling noise: a model whose step takes ~10 ms and a busy flag that
+    # alternates by epoch without any extra load. Nothing may alert. (With 3 ms steps the monitor's
+    # own ~60 us per step measured 1.2 % on a quiet machine and 2.9 % on a loaded one: too close
+    # to the 2 % hook-overhead threshold for a test.)
     mon = monitor(tmp_path, warmup_steps=16, log_every_n_steps=16)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        fit(tmp_path, [BusyCallback(0.0, busy_epochs="odd"), mon], epochs=6, model=Tiny(step_sleep_s=0.003))
+        fit(tmp_path, [BusyCallback(0.0, busy_epochs="odd"), mon], epochs=6, model=Tiny(step_sleep_s=0.01))
     assert eg_warnings(record) == []
     assert mon.alerts == [], mon.figures()
     f = mon.figures()
-    assert f["step_time_p50_s"] >= 0.003
+    assert f["step_time_p50_s"] >= 0.01
     assert math.isfinite(f["step_slowdown"])
     assert 0.0 <= f["hook_overhead"] < 0.02
 
