@@ -72,12 +72,13 @@ class EvalGuardCLI(LightningCLI):
     is shown as one ``error:`` line instead of a traceback. Both exit with code 2.
     """
 
-    def __init__(self, *args: Any, parser_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Let parse errors reach us instead of jsonargparse printing the usage and exiting.
-        merged: dict[str, Any] = {"exit_on_error": False, **(parser_kwargs or {})}
+        merged: dict[str, Any] = {"exit_on_error": False, **(kwargs.get("parser_kwargs") or {})}
         for name in ("fit", "validate", "test", "predict"):
             merged[name] = {"exit_on_error": False, **merged.get(name, {})}
-        super().__init__(*args, parser_kwargs=merged, **kwargs)
+        kwargs["parser_kwargs"] = merged
+        super().__init__(*args, **kwargs)
 
     @override
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
