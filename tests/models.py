@@ -128,6 +128,9 @@ class MemoryLogger(Logger):
     def rows_with(self, key: str) -> list[tuple[int | None, dict[str, float]]]:
         return [(step, row) for step, row in self.rows if key in row]
 
+    def values(self, key: str) -> list[float]:
+        return [row[key] for _, row in self.rows if key in row]
+
 
 def mean_logit_eval(module: torch.nn.Module, dataloader: Any) -> dict[str, float]:
     """An ``eval_fn`` (importable as ``tests.models:mean_logit_eval``)."""

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_evalguard import PerformanceMonitor, SLAViolation
@@ -29,6 +29,7 @@ from lightning_evalguard.engine.clock import FakeClock
 from lightning_evalguard.engine.events import EventLog
 from lightning_evalguard.errors import EvalGuardWarning
 from lightning_evalguard.testing import BusyCallback, LeakingCallback, SlowHookCallback, StepClock
+from tests.models import MemoryLogger
 
 STEPS_PER_EPOCH = 16
 
@@ -47,29 +48,6 @@ class Tiny(LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.01)
-
-
-class MemoryLogger(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def values(self, key: str) -> list[float]:
-        return [row[key] for _, row in self.rows if key in row]
 
 
 def fit(tmp_path: Path, callbacks: list[Callback], epochs: int = 6, logger: Any = False, model: Any = None) -> Trainer:
@@ -546,7 +524,6 @@ def test_docstring_examples_run(target: str, tmp_path: Path, monkeypatch: pytest
 
 def test_all_four_callbacks_in_one_fit(tmp_path: Path) -> None:
     from lightning_evalguard import BufferedLogging, GuardedEvaluation, ResourceCleanup
-    from tests.models import MemoryLogger as RowsLogger
     from tests.models import SlowValidation, make_loader
 
     guard = GuardedEvaluation(mode="stream", every_n_epochs=1, timeout=60.0)
@@ -557,7 +534,7 @@ def test_all_four_callbacks_in_one_fit(tmp_path: Path) -> None:
     mon = PerformanceMonitor(
         warmup_steps=4, log_every_n_steps=4, on_violation="log", report_path=str(tmp_path / "report.json")
     )
-    rows = RowsLogger()
+    rows = MemoryLogger()
     trainer = Trainer(
         max_epochs=4,
         callbacks=[guard, buffered, cleanup, mon],
