@@ -101,6 +101,21 @@ class Raising(Classifier):
         raise RuntimeError("validation exploded")
 
 
+class TinyRegressor(LightningModule):
+    """One linear layer, no validation: the cheapest real training loop (4 inputs, 1 target)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.layer(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
 class MemoryLogger(Logger):
     """A complete in-memory Lightning logger: every ``log_metrics`` call is kept, in order."""
 

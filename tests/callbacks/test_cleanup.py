@@ -16,22 +16,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_evalguard import GuardedEvaluation, ResourceCleanup
 from lightning_evalguard.engine.memory import MemoryReading, cuda_in_use, read_memory, release_cuda_cache
-from tests.models import Classifier, MemoryLogger, make_loader
+from tests.models import Classifier, MemoryLogger, TinyRegressor, make_loader
 
 STEPS_PER_EPOCH = 8
-
-
-class Tiny(LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(4, 1)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return torch.nn.functional.mse_loss(self.layer(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
 def fit(callbacks: list[Callback], epochs: int = 4, logger: Any = False, **trainer_kwargs: Any) -> Trainer:
@@ -46,7 +33,7 @@ def fit(callbacks: list[Callback], epochs: int = 4, logger: Any = False, **train
         limit_val_batches=0,
         **trainer_kwargs,
     )
-    trainer.fit(Tiny(), DataLoader(data, batch_size=4))
+    trainer.fit(TinyRegressor(), DataLoader(data, batch_size=4))
     return trainer
 
 

@@ -15,26 +15,14 @@ import sys
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from lightning_evalguard import PerformanceMonitor, SLAViolation
 from lightning_evalguard.engine.clock import FakeClock
 from lightning_evalguard.testing import LeakingCallback, StepClock
-
-
-class Tiny(LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(4, 1)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return torch.nn.functional.mse_loss(self.layer(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.01)
+from tests.models import TinyRegressor
 
 
 def main(out_dir: str) -> None:
@@ -62,7 +50,7 @@ def main(out_dir: str) -> None:
     data = TensorDataset(torch.randn(512, 4), torch.randn(512, 1))
     raised: dict[str, Any] | None = None
     try:
-        trainer.fit(Tiny(), DataLoader(data, batch_size=16))
+        trainer.fit(TinyRegressor(), DataLoader(data, batch_size=16))
     except SLAViolation as exc:
         raised = {"kind": exc.kind, "value": exc.value, "threshold": exc.threshold}
     with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as fh:
